@@ -1,0 +1,3 @@
+from dsinfra.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsinfra import cli
+
+
+def dsinfra(*args):
+    return subprocess.run([sys.executable, "-m", "dsinfra", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info():
+    done = dsinfra("info")
+    assert done.returncode == 0, done.stderr
+    for heading in ("versions", "machine", "settings", "implementations"):
+        assert heading in done.stdout
+
+
+def test_info_json():
+    done = dsinfra("info", "--json")
+    report = json.loads(done.stdout)
+    assert report["versions"]["dsinfra"]
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["bench"]])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*command, "--help"])
+    assert exit.value.code == 0
+    assert "usage: dsinfra" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nonsense"], "invalid choice: 'nonsense'"),
+        (["info", "--bad"], "unrecognized arguments: --bad"),
+        (["bench", "--repeats", "many"], "argument --repeats: invalid int value: 'many'"),
+        (["bench", "no_such_component"], "unknown benchmark no_such_component"),
+        (["bench", "--device", "tpu"], "--device must be cpu or cuda[:N]"),
+        (["bench", "--repeats", "0"], "--repeats >= 1"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys):
+    assert _exit_code(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_bench_on_a_missing_gpu(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert _exit_code(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_lists_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    done = dsinfra("bench", "--quick", "--repeats", "1", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "registered benchmarks:" in done.stdout and "ceilings:" in done.stdout
+    report = json.loads(path.read_text())
+    assert report["quick"] is True and report["ceilings"]["copy_bytes_per_s"] > 0
+
+
+def test_bench_unwritable_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("dsinfra.bench.runner.run_benchmarks", lambda *a, **k: {})
+    assert _exit_code(["bench", "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def _exit_code(args):
+    try:
+        return cli.main(args)
+    except SystemExit as exit:
+        return exit.code
