@@ -1,20 +1,21 @@
-"""``rebalance_experts``: where each expert's replicas go, layer by layer, all
-layers at once.
+"""``rebalance_experts``: where each expert's replicas go, all layers at once.
 
 The steps are DeepSeek's (EPLB's hierarchical policy; the global policy is the
-same with one node and one group):
+same with one group on one node):
 
 1. pack the expert groups onto the nodes, balancing the nodes' loads;
 2. within each node, decide each expert's replica count;
 3. within each node, pack the replicas onto its GPUs.
 
-Steps 1 and 3 start from DeepSeek's greedy packing and step 2 from DeepSeek's
-replication rule, so DeepSeek's plan is always among the candidates. Step 2
-also tries stopping the rule early (:mod:`dsinfra.eplb.replication`), step 3
-keeps whichever candidate packs with the lowest heaviest GPU and then swaps
-replicas between the heaviest GPU and lighter ones while that lowers it
-(:mod:`dsinfra.eplb.packing`). No node ends with a heavier GPU than in
-DeepSeek's plan, so no layer does either.
+The planner first makes DeepSeek's plan: greedy packing in steps 1 and 3,
+DeepSeek's replication rule in step 2, every layer and node at once. Then, in
+each node whose heaviest GPU is above the floor (the least its layer's
+heaviest GPU can carry: the layer's heaviest node's mean GPU load), it tries
+stopping the replication rule early (:mod:`dsinfra.eplb.replication`) under a
+quick packing, keeps the best stop where its heaviest GPU is no heavier than
+DeepSeek's, and swaps replicas between the heaviest GPU and lighter ones while
+that lowers it (:mod:`dsinfra.eplb.packing`). No step ever makes a node's
+heaviest GPU heavier than in DeepSeek's plan, so no layer's is.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _checked_loads(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     bad = ~(torch.isfinite(loads) & (loads >= 0))
     if bad.any():
         raise ValueError(f"weight must hold finite loads >= 0; found {loads[bad][0].item()}")
+    if not torch.isfinite(loads.sum(1)).all():
+        raise ValueError("weight holds loads too large to add up in float64; scale them down")
     return loads.contiguous()
 
 

@@ -70,10 +70,10 @@ def draw_placement(
         ax.set_ylim(0, 1.25 * top)
         ax.set_ylabel("load")
         ax.set_title(
-            f"layer {layer}: max/mean GPU load {before[layer]:.2f} without replicas, {after[layer]:.2f} with this plan",
+            f"layer {layer}: max/mean GPU load {after[layer]:.2f} (without replicas: {before[layer]:.2f})",
             fontsize=10,
         )
-    axes[-1, 0].set_xlabel("GPU within its node. Boxes: replicas, by logical expert. Dashed: mean GPU load.")
+    axes[-1, 0].set_xlabel("GPU in its node; boxes: replicas by logical expert; dashed: mean GPU load", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

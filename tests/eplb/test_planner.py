@@ -128,6 +128,7 @@ def test_weight_on_a_gpu():
         (torch.tensor([[1.0, -2.0]]), (2, 1, 1, 1), ValueError, "weight must hold finite loads >= 0; found -2.0"),
         (torch.tensor([[1.0, float("nan")]]), (2, 1, 1, 1), ValueError, "weight must hold finite loads >= 0; found nan"),
         (torch.tensor([[1.0, float("inf")]]), (2, 1, 1, 1), ValueError, "weight must hold finite loads >= 0; found inf"),
+        (torch.full((1, 2), 1e308, dtype=torch.float64), (2, 1, 1, 1), ValueError, "too large to add up in float64"),
         (torch.ones(2, 12), (16, 4, 0, 8), ValueError, "num_nodes must be > 0; got 0"),
         (torch.ones(2, 12), (16, 4, 2, 8.0), TypeError, "num_gpus must be an int; got float"),
         (torch.ones(2, 12, dtype=torch.bool), (16, 4, 2, 8), TypeError, "weight must have a real or integer dtype; got bool"),
