@@ -10,7 +10,7 @@ experts and place the replicas so that GPUs carry even loads.
 The planner runs on the CPU (numpy); recording and routing run on any device.
 """
 
-from dsinfra.eplb.loads import gpu_loads, imbalance, in_order_gpu_loads
+from dsinfra.eplb.loads import gpu_loads, imbalance, in_order_gpu_loads, slot_loads
 from dsinfra.eplb.planner import logical_to_physical_map, rebalance_experts
 from dsinfra.eplb.recorder import ExpertLoadRecorder
 from dsinfra.eplb.routing import route_to_replicas
@@ -23,4 +23,5 @@ __all__ = [
     "logical_to_physical_map",
     "rebalance_experts",
     "route_to_replicas",
+    "slot_loads",
 ]

@@ -62,7 +62,9 @@ def read_loads(path: str) -> torch.Tensor:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(f"--loads {path}: not a readable {suffix} file of numbers ({reason})") from None
     if loads.dim() != 2 or loads.dtype == torch.bool or loads.is_complex():
-        raise CommandError(f"--loads {path}: expected [layers, experts] numbers; got {loads.dtype} of shape {list(loads.shape)}")
+        raise CommandError(
+            f"--loads {path}: expected [layers, experts] numbers; got {loads.dtype} of shape {list(loads.shape)}"
+        )
     return loads.to(torch.float64)
 
 
@@ -105,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(path: str, write) -> None:
+    """``write(path)``, with a failure (no such folder, a format matplotlib does not know) as a CommandError."""
     try:
         write(path)
     except OSError as error:
         raise CommandError(f"{path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise CommandError(f"{path}: {str(error).splitlines()[0]}") from None

@@ -5,18 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """The load of every GPU under a placement: each slot carries its expert's
-    load divided by the expert's replica count.
+def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:
+    """The load every slot carries under a placement: its expert's load divided
+    by the expert's replica count.
 
     weight: [num_layers, num_logical_experts], any real or integer dtype;
     phy2log: [num_layers, num_replicas], int64, as ``rebalance_experts`` returns it.
-    Returns [num_layers, num_gpus], float64, on ``phy2log``'s device.
+    Returns [num_layers, num_replicas], float64, on ``phy2log``'s device.
     """
     weight = weight.to(device=phy2log.device, dtype=torch.float64)
     counts = torch.zeros_like(weight).scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=torch.float64))
-    slot_loads = weight.gather(1, phy2log) / counts.gather(1, phy2log)
-    return slot_loads.view(phy2log.shape[0], num_gpus, -1).sum(2)
+    return weight.gather(1, phy2log) / counts.gather(1, phy2log)
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """The load of every GPU under a placement: [num_layers, num_gpus], float64
+    (see :func:`slot_loads`)."""
+    return slot_loads(weight, phy2log).view(phy2log.shape[0], num_gpus, -1).sum(2)
 
 
 def in_order_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:

@@ -20,8 +20,6 @@ SWAP_PARTNERS = 8
 MIN_GAIN = 1e-12
 
 
-
-
 def greedy_pack(weights: np.ndarray, num_packs: int) -> np.ndarray:
     """DeepSeek's balanced packing: items heaviest first (equal weights: lower
     index first), each into the lightest pack that still has room (equal loads:

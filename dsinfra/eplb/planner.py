@@ -65,7 +65,7 @@ def _checked_loads(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     check_tensor("weight", weight, ndim=2)
     if weight.dtype == torch.bool or weight.is_complex():
         raise TypeError(f"weight must have a real or integer dtype; got {str(weight.dtype).replace('torch.', '')}")
-    for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+    for name, value in zip(("num_replicas", "num_groups", "num_nodes", "num_gpus"), (num_replicas, num_groups, num_nodes, num_gpus)):
         check_positive(name, value)
     num_layers, num_experts = weight.shape
     if num_layers == 0 or num_experts == 0:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dsinfra.eplb.loads import gpu_loads, imbalance, in_order_gpu_loads
+from dsinfra.eplb.loads import imbalance, in_order_gpu_loads, slot_loads
 
 _GAP = 0.6  # space between nodes, in GPU widths
 
@@ -32,13 +32,13 @@ def draw_placement(
     import matplotlib.pyplot as plt
 
     weight, phy2log = weight.double().cpu(), phy2log.cpu()
-    num_experts = weight.shape[1]
+    num_layers, num_experts = weight.shape
     slots_per_gpu = phy2log.shape[1] // num_gpus
     gpus_per_node = num_gpus // num_nodes
-    counts = torch.zeros_like(weight).scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=torch.float64))
-    loads = gpu_loads(weight, phy2log, num_gpus)
+    shares = slot_loads(weight, phy2log).view(num_layers, num_gpus, slots_per_gpu)  # each replica's load
+    loads = shares.sum(2)
     before, after = imbalance(in_order_gpu_loads(weight, num_gpus)), imbalance(loads)
-    colours = plt.get_cmap("tab20" if num_experts <= 20 else "turbo")
+    palette = plt.get_cmap("tab20" if num_experts <= 20 else "turbo")
     x = torch.arange(num_gpus) + _GAP * (torch.arange(num_gpus) // gpus_per_node)
     label_experts = slots_per_gpu * num_gpus <= 128  # room to write expert ids in the boxes
 
@@ -47,7 +47,6 @@ def draw_placement(
     )
     for ax, layer in zip(axes[:, 0], layers):
         experts = phy2log[layer].view(num_gpus, slots_per_gpu)
-        shares = (weight[layer] / counts[layer])[experts]  # [gpus, slots]: each replica's load
         top = float(loads[layer].max()) or 1.0
         for node in range(num_nodes):
             left, right = x[node * gpus_per_node] - 0.5, x[(node + 1) * gpus_per_node - 1] + 0.5
@@ -55,15 +54,15 @@ def draw_placement(
             ax.text((left + right) / 2, 1.13 * top, f"node {node}", ha="center", va="bottom", fontsize=9)
         bottom = torch.zeros(num_gpus, dtype=torch.float64)
         for slot in range(slots_per_gpu):
-            expert = experts[:, slot]
-            colour = [colours(int(e) % 20 / 19 if num_experts <= 20 else int(e) / max(1, num_experts - 1)) for e in expert]
-            ax.bar(x, shares[:, slot], bottom=bottom, width=0.8, color=colour, edgecolor="white", linewidth=0.8, zorder=2)
+            expert = experts[:, slot].tolist()
+            colour = [palette(e) if num_experts <= 20 else palette(e / max(1, num_experts - 1)) for e in expert]
+            ax.bar(x, shares[layer, :, slot], bottom=bottom, width=0.8, color=colour, edgecolor="white", linewidth=0.8, zorder=2)
             if label_experts:
                 for gpu in range(num_gpus):
-                    if shares[gpu, slot] > 0.07 * top:
-                        centre = float(bottom[gpu] + shares[gpu, slot] / 2)
-                        ax.text(float(x[gpu]), centre, str(int(expert[gpu])), ha="center", va="center", fontsize=8, zorder=3)
-            bottom += shares[:, slot]
+                    if shares[layer, gpu, slot] > 0.07 * top:
+                        centre = float(bottom[gpu] + shares[layer, gpu, slot] / 2)
+                        ax.text(float(x[gpu]), centre, str(expert[gpu]), ha="center", va="center", fontsize=8, zorder=3)
+            bottom += shares[layer, :, slot]
         ax.axhline(float(loads[layer].mean()), color="black", linestyle="--", linewidth=0.8, zorder=3)
         ax.set_xticks(x.tolist(), [str(g % gpus_per_node) for g in range(num_gpus)], fontsize=8)
         ax.set_xlim(float(x[0]) - 0.7, float(x[-1]) + 0.7)

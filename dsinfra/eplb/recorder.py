@@ -44,7 +44,9 @@ class ExpertLoadRecorder:
         check_positive("num_layers", num_layers)
         check_positive("num_experts", num_experts)
         if (window is None) == (decay is None):
-            raise ValueError(f"give exactly one of window (a number of steps) or decay (0 <= decay < 1); got window={window}, decay={decay}")
+            raise ValueError(
+                f"give exactly one of window (a number of steps) or decay (0 <= decay < 1); got window={window}, decay={decay}"
+            )
         if window is not None:
             check_positive("window", window)
         elif isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:

@@ -85,7 +85,13 @@ def test_all_zero_loads_give_an_even_plan():
 
 @pytest.mark.parametrize(
     "shape, args",
-    [((1, 1), (1, 1, 1, 1)), ((1, 1), (4, 1, 1, 2)), ((3, 6), (6, 2, 2, 2)), ((2, 5), (10, 5, 5, 10)), ((1, 7), (7, 7, 1, 7))],
+    [
+        ((1, 1), (1, 1, 1, 1)),
+        ((1, 1), (4, 1, 1, 2)),
+        ((3, 6), (6, 2, 2, 2)),
+        ((2, 5), (10, 5, 5, 10)),
+        ((1, 7), (7, 7, 1, 7)),
+    ],
     ids=["one-expert", "one-expert-four-replicas", "no-extra-replicas", "one-slot-per-gpu", "one-gpu-per-expert"],
 )
 def test_edge_shapes(shape, args):

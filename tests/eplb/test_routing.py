@@ -21,7 +21,9 @@ def check_routes(topk_idx, slots, layer):
         assert int(shares.max() - shares.min()) <= 1  # spread evenly over the replicas
 
 
-@pytest.mark.parametrize("num_tokens, drop, dtype", [(0, 0.0, torch.int64), (1, 0.0, torch.int64), (57, 0.3, torch.int64), (200, 0.1, torch.int32)])
+@pytest.mark.parametrize(
+    "num_tokens, drop, dtype", [(0, 0.0, torch.int64), (1, 0.0, torch.int64), (57, 0.3, torch.int64), (200, 0.1, torch.int32)]
+)
 @pytest.mark.parametrize("layer", [0, 1])
 def test_routes_spread_over_replicas(num_tokens, drop, dtype, layer):
     topk_idx = topk_indices(num_tokens, NUM_EXPERTS, 4, seed=num_tokens + layer, skew=1.0, drop=drop).to(dtype)
