@@ -92,7 +92,7 @@ def benchmark(ctx) -> None:
     from dsinfra.testing import skewed_loads
 
     num_layers = 8 if ctx.quick else NUM_LAYERS
-    weight = skewed_loads(num_layers, NUM_EXPERTS, seed=0)
+    weight = skewed_loads(num_layers, NUM_EXPERTS, seed=0).to(ctx.device)  # both planners copy it to the CPU
     for num_replicas, num_nodes, num_gpus in CASES[::2] if ctx.quick else CASES:
         args = (num_replicas, NUM_GROUPS, num_nodes, num_gpus)
         policy = "hierarchical" if NUM_GROUPS % num_nodes == 0 else "global"

@@ -104,3 +104,7 @@ def test_unwritable_outputs(tmp_path, capsys):
     loads = write(tmp_path / "loads.json", WEIGHT)
     assert exit_code(["eplb", "--loads", loads, *ARGS, "--json", str(tmp_path / "missing" / "plan.json")]) == 2
     assert "No such file or directory" in capsys.readouterr().err
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert exit_code(["eplb", "--loads", loads, *ARGS, "--plot", str(tmp_path / "placement.xyz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Format 'xyz' is not supported" in err

@@ -158,7 +158,20 @@ def test_logical_to_physical_map_against_a_loop():
     assert logcnt.tolist() == [[2, 1, 3, 0], [1, 4, 1, 0]]
 
 
-# The planner's building blocks, against the baseline's per-layer Python.
+def test_the_baseline_makes_the_plan_of_eplbs_readme():
+    """The example in DeepSeek EPLB's README and the plan it prints: the baseline
+    makes it, up to the order of replicas with equal loads."""
+    weight = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                           [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    published = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                              [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+    baseline = greedy_rebalance_experts(weight, 16, 4, 2, 8)[0]
+    assert torch.equal(baseline[0], published[0])
+    assert torch.equal(gpu_loads(weight, baseline, 8), gpu_loads(weight, published, 8))  # 2 x 86 of expert 8 and 86 of 9
+    assert bool((heaviest_gpus(weight, rebalance_experts(weight, 16, 4, 2, 8), 8) <= heaviest_gpus(weight, (published,), 8)).all())
+
+
+# The planner's building blocks, against the baseline's.
 
 
 @given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**16), st.booleans())
