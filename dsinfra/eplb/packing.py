@@ -39,10 +39,8 @@ def greedy_pack(weights: np.ndarray, num_packs: int) -> np.ndarray:
         pack = pack_loads.argmin(1)
         position = filled[row, pack]
         slots[row, pack, position] = order[:, step]
-        pack_loads[row, pack] += sorted_weights[:, step]
         filled[row, pack] = position + 1
-        full = position + 1 == per_pack
-        pack_loads[row[full], pack[full]] = np.inf
+        pack_loads[row, pack] += np.where(position + 1 == per_pack, np.inf, sorted_weights[:, step])
     return slots
 
 
