@@ -32,6 +32,8 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.legend_handler import HandlerTuple
+        from matplotlib.patheffects import withStroke
         from matplotlib.patches import Patch, Rectangle
     except ImportError as error:
         raise RuntimeError("drawing schedules needs matplotlib: pip install matplotlib") from error
@@ -41,12 +43,15 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
     width = max(6.0, min(60.0, 0.28 * timeline.makespan / unit + 1.5))
     figure, axes = plt.subplots(figsize=(width, 0.42 * schedule.num_ranks + 1.3))
     font = 7 if timeline.makespan / unit > 120 else 8
+    outline = [withStroke(linewidth=1.6, foreground="#333333")]
 
     def label(x: float, y: float, rank: int, module: int, chunk: int, size: float) -> None:
         if size / unit < 0.6:
             return
-        colour = "white" if module == 1 else "black"
-        axes.text(x, y, str(chunk), ha="center", va="center", fontsize=font, color=colour)
+        if module == 1:
+            axes.text(x, y, str(chunk), ha="center", va="center", fontsize=font, color="white", path_effects=outline)
+        else:
+            axes.text(x, y, str(chunk), ha="center", va="center", fontsize=font, color="black")
 
     def cell(start: float, length: float, row: float, colour: str, border: bool = True) -> None:
         axes.add_patch(Rectangle((start, row), length, 0.9, facecolor=colour, edgecolor="black" if border else "none", linewidth=0.5))
@@ -77,9 +82,18 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
     for side in ("top", "right", "left", "bottom"):
         axes.spines[side].set_visible(False)
     axes.tick_params(left=False)
-    handles = [Patch(facecolor=COLOURS[key], edgecolor="black", label=text) for key, text in LEGEND]
-    handles.append(Patch(facecolor=COLOURS["forward"], edgecolor="black", linewidth=1.5, label="Overlapped forward & backward (orange | green)"))
-    axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(handles), frameon=False, fontsize=9)
+    handles: list = [Patch(facecolor=COLOURS[key], edgecolor="black") for key, _ in LEGEND]
+    handles.append((Patch(facecolor=COLOURS["forward"], edgecolor="black"), Patch(facecolor=COLOURS["backward"], edgecolor="black")))
+    axes.legend(
+        handles,
+        [text for _, text in LEGEND] + ["Overlapped forward & backward"],
+        handler_map={tuple: HandlerTuple(ndivide=None, pad=0)},
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=9,
+    )
     if title is None:
         bubble = max(timeline.bubble)
         title = (

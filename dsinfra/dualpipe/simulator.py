@@ -43,11 +43,11 @@ class Costs:
     def __post_init__(self):
         for name in ("forward", "backward", "weight", "p2p"):
             if getattr(self, name) < 0:
-                raise ValueError(f"Costs.{name} must be >= 0; got {getattr(self, name)}")
+                raise ValueError(f"Costs.{name} must be >= 0; got {getattr(self, name):g}")
         if self.weight > self.backward:
-            raise ValueError(f"Costs.weight ({self.weight}) must be <= Costs.backward ({self.backward})")
+            raise ValueError(f"Costs.weight ({self.weight:g}) must be <= Costs.backward ({self.backward:g})")
         if self.overlapped is not None and self.overlapped < 0:
-            raise ValueError(f"Costs.overlapped must be >= 0; got {self.overlapped}")
+            raise ValueError(f"Costs.overlapped must be >= 0; got {self.overlapped:g}")
 
     @property
     def forward_backward(self) -> float:
