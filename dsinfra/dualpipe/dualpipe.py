@@ -26,7 +26,6 @@ class DualPipe(Pipeline):
     ``P - 1 - i``): sum them (e.g. with an all-reduce) before the optimizer step.
     """
 
-    schedule_name = "dualpipe"
     build_schedule = staticmethod(schedule.dualpipe)
 
     def _check_num_ranks(self, num_ranks: int) -> None:
@@ -43,5 +42,4 @@ class DualPipeV(Pipeline):
     Arguments as for :class:`DualPipe`; any number of ranks.
     """
 
-    schedule_name = "dualpipev"
     build_schedule = staticmethod(schedule.dualpipev)

@@ -51,10 +51,10 @@ def _device_of(modules: Sequence[nn.Module], group: dist.ProcessGroup) -> torch.
 
 
 class Pipeline(nn.Module):
-    """What DualPipe and DualPipeV share: two modules on this rank, the process
-    group and rank order, and ``step()``. Subclasses name their schedule."""
+    """What DualPipe and DualPipeV share: this rank's two modules, the process
+    group and the order of its ranks, and ``step()``. A subclass gives the
+    function that builds its schedule."""
 
-    schedule_name: str
     build_schedule: Callable[[int, int], Schedule]
 
     def __init__(
@@ -77,6 +77,9 @@ class Pipeline(nn.Module):
             raise ValueError(f"batch_dim must be an int >= 0; got {batch_dim!r}")
         self.batch_dim = batch_dim
         self.group = process_group if process_group is not None else dist.group.WORLD
+        group_rank = dist.get_rank(self.group)
+        if group_rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not in process_group")
         self.num_ranks = dist.get_world_size(self.group)
         self._check_num_ranks(self.num_ranks)
         if rank_mapping is None:
@@ -86,11 +89,12 @@ class Pipeline(nn.Module):
                 f"rank_mapping must map the {self.num_ranks} ranks of the process group to pipeline ranks "
                 f"0..{self.num_ranks - 1}, each once; got {list(rank_mapping)}"
             )
-        self.rank = rank_mapping[dist.get_rank(self.group)]
+        self.rank = rank_mapping[group_rank]
         # global rank of each pipeline rank, for the point-to-point operations
         self.global_ranks = [dist.get_global_rank(self.group, list(rank_mapping).index(r)) for r in range(self.num_ranks)]
         self.device = _device_of(modules, self.group)
         self.executed: list[Interval] = []
+        self._schedules: dict[int, Schedule] = {}
 
     def _check_num_ranks(self, num_ranks: int) -> None:
         """Raise ValueError if the schedule cannot run on ``num_ranks`` ranks."""
@@ -98,7 +102,9 @@ class Pipeline(nn.Module):
     def schedule(self, num_chunks: int) -> Schedule:
         """The schedule ``step(num_chunks=...)`` runs (every rank's list)."""
         check_positive("num_chunks", num_chunks)
-        return type(self).build_schedule(self.num_ranks, num_chunks)
+        if num_chunks not in self._schedules:
+            self._schedules[num_chunks] = type(self).build_schedule(self.num_ranks, num_chunks)
+        return self._schedules[num_chunks]
 
     def step(
         self,

@@ -2,13 +2,16 @@
 
 Every rank walks its list as ``step()`` does: sends and receives are queued;
 before each compute operation (and at the end) the queued ones are posted as
-one batch and the rank waits for all of them. A transfer completes ``p2p``
-after both its send and its receive are posted (a rendezvous, as NCCL's
-grouped point-to-point behaves), and sends and receives between two ranks
-pair up in the order they are posted, as on a real transport. The simulator
-also checks that the schedule is sound: every operation's inputs exist when it
-runs, every received message is the one the receiver expects, nothing
-deadlocks, and no rank ends with work left.
+one batch and the rank waits for them. Sends and receives between two ranks
+pair up in the order they are posted, as on a real transport. A receive
+completes ``p2p`` after its send was posted; with ``rendezvous``, a send also
+waits for its receive, as NCCL's grouped point-to-point operations do.
+
+The simulator also checks that the schedule is sound: every operation's
+inputs exist when it runs, every message received is the one the receiver
+expects, weight parts run in the order queued, nothing deadlocks, and no rank
+ends with work left. It also gives the README table of DualPipe (bubbles,
+parameters and activations per rank) for the four schedules: :func:`compare`.
 """
 
 from __future__ import annotations
@@ -99,19 +102,195 @@ class _Rank:
 
     def __init__(self, ops: tuple[Op, ...]):
         self.ops = ops
-        self.pc = 0
+        self.pc = 0  # index of the next operation
         self.clock = 0.0
-        self.queued: list[tuple] = []  # (send/recv, channel, index, message) of queued transfers
-        self.waiting: list[tuple[str, tuple, int]] | None = None  # a posted batch not yet complete
+        self.queued: list[tuple[str, tuple[int, int], int, tuple]] = []  # (side, channel, index, message)
+        self.waiting: list[tuple[str, tuple[int, int], int]] | None = None  # the posted batch, until complete
         self.intervals: list[Interval] = []
-        self.done: set[tuple[str, int, int]] = set()  # (F/B/W/recvF/recvB, module, chunk)
-        self.weights: deque[tuple[int, int]] = deque()
-        self.live = 0
+        self.have: set[tuple[str, int, int]] = set()  # (F, B, "recvF" or "recvB"; module, chunk) done
+        self.weights: deque[tuple[int, int]] = deque()  # backwards whose weight part waits
+        self.live = 0  # micro-batches holding activations
         self.peak = 0
+
+    @property
+    def current(self) -> str:
+        return str(self.ops[self.pc - 1]) if self.pc else "start"
 
     @property
     def finished(self) -> bool:
         return self.pc == len(self.ops) and self.waiting is None and not self.queued
+
+
+class _Simulation:
+    """Every rank of a schedule, stepped until all finish (see :func:`simulate`).
+
+    A transfer is matched by its channel (sending rank, receiving rank) and its
+    index on that channel: the n-th send from one rank to another pairs with
+    the n-th receive posted there, as on a real transport. A message names what
+    the receiver gets, (F or B, receiving module, chunk), so a pair whose two
+    sides name different messages has crossed.
+    """
+
+    def __init__(self, schedule: Schedule, costs: Costs, rendezvous: bool):
+        self.schedule, self.costs, self.rendezvous = schedule, costs, rendezvous
+        self.layout = schedule.layout
+        self.ranks = [_Rank(ops) for ops in schedule.ops]
+        # (channel, side) -> posted transfers in order, as (post time, message)
+        self.posted: dict[tuple[tuple[int, int], str], list[tuple[float, tuple]]] = {}
+        self.queued_count: dict[tuple[tuple[int, int], str], int] = {}
+
+    def fail(self, rank: int, message: str) -> None:
+        raise ScheduleError(f"{self.schedule.name}: rank {rank}, at {self.ranks[rank].current}: {message}")
+
+    def run(self) -> Timeline:
+        while not all(state.finished for state in self.ranks):
+            if not any([self.advance(rank) for rank in range(len(self.ranks))]):
+                stuck = ", ".join(f"rank {r} at {s.current}" for r, s in enumerate(self.ranks) if not s.finished)
+                raise ScheduleError(f"{self.schedule.name} deadlocks: {stuck} wait for peers that never send")
+        for (channel, side), transfers in self.posted.items():
+            other = self.posted.get((channel, "recv" if side == "send" else "send"), [])
+            if side == "send" and len(transfers) != len(other):
+                raise ScheduleError(
+                    f"{self.schedule.name}: rank {channel[0]} sends {len(transfers)} messages to rank {channel[1]}, "
+                    f"which receives {len(other)}"
+                )
+        if not self.schedule.forward_only:
+            for rank, state in enumerate(self.ranks):
+                if state.live:
+                    raise ScheduleError(f"{self.schedule.name}: rank {rank} ends with {state.live} backwards unfinished")
+        makespan = max(state.clock for state in self.ranks)
+        return Timeline(
+            schedule=self.schedule,
+            costs=self.costs,
+            intervals=tuple(tuple(state.intervals) for state in self.ranks),
+            makespan=makespan,
+            bubble=tuple(makespan - sum(i.end - i.start for i in state.intervals) for state in self.ranks),
+            activations=tuple(state.peak for state in self.ranks),
+            parameters=tuple(len(modules) for modules in self.layout.stages),
+        )
+
+    def advance(self, rank: int) -> bool:
+        """Run the rank as far as it goes without waiting on a peer; whether it moved."""
+        state = self.ranks[rank]
+        moved = False
+        while not state.finished:
+            if state.waiting is not None:
+                if not self.complete(rank):
+                    return moved
+            elif state.pc == len(state.ops) or (state.queued and state.ops[state.pc].kind in (F, B, W, FB)):
+                self.post(rank)  # before a compute operation, and at the end
+            else:
+                op = state.ops[state.pc]
+                state.pc += 1
+                if op.kind in (F, B, W, FB):
+                    self.compute(rank, op)
+                else:
+                    self.queue(rank, op)
+            moved = True
+        return moved
+
+    # -- communication --------------------------------------------------------
+
+    def queue(self, rank: int, op: Op) -> None:
+        state = self.ranks[rank]
+        kind = "F" if op.kind in (SEND_F, RECV_F) else "B"
+        peer, peer_module = self.layout.neighbour(rank, op.module, +1 if op.kind in (SEND_F, RECV_B) else -1)
+        if op.kind in (SEND_F, SEND_B):
+            if (kind, op.module, op.chunk) not in state.have:
+                self.fail(rank, "sends a result not computed yet")
+            side, channel, message = "send", (rank, peer), (kind, peer_module, op.chunk)
+        else:
+            side, channel, message = "recv", (peer, rank), (kind, op.module, op.chunk)
+        index = self.queued_count.get((channel, side), 0)
+        self.queued_count[(channel, side)] = index + 1
+        state.queued.append((side, channel, index, message))
+
+    def post(self, rank: int) -> None:
+        state = self.ranks[rank]
+        for side, channel, _, message in state.queued:
+            self.posted.setdefault((channel, side), []).append((state.clock, message))
+        state.waiting = [(side, channel, index) for side, channel, index, _ in state.queued]
+        state.queued = []
+
+    def complete(self, rank: int) -> bool:
+        """Finish the rank's posted batch if every transfer it waits for can
+        complete; False if a peer has not posted its side yet."""
+        state = self.ranks[rank]
+        end = state.clock
+        arrived = []
+        for side, channel, index in state.waiting:
+            if side == "send" and not self.rendezvous:
+                continue  # the transport buffers it
+            other = self.posted.get((channel, "recv" if side == "send" else "send"), [])
+            if len(other) <= index:
+                return False
+            mine_time, mine = self.posted[(channel, side)][index]
+            theirs_time, theirs = other[index]
+            if mine != theirs:
+                sent, expected = (mine, theirs) if side == "send" else (theirs, mine)
+                raise ScheduleError(
+                    f"{self.schedule.name}: message {index} from rank {channel[0]} to rank {channel[1]} crosses: "
+                    f"sent {sent[0]}{sent[1]}.{sent[2]}, expected {expected[0]}{expected[1]}.{expected[2]} (kind module.chunk)"
+                )
+            sent_time = theirs_time if side == "recv" else mine_time
+            done = sent_time + self.costs.p2p
+            if self.rendezvous:
+                done = max(mine_time, theirs_time) + self.costs.p2p
+            end = max(end, done)
+            if side == "recv":
+                arrived.append(("recv" + mine[0], mine[1], mine[2]))
+        state.clock = end
+        state.have.update(arrived)
+        state.waiting = None
+        return True
+
+    # -- compute ---------------------------------------------------------------
+
+    def has_input(self, rank: int, module: int, chunk: int, forward: bool) -> bool:
+        """Whether a forward's input (or a backward's output gradient) is there."""
+        have = self.ranks[rank].have
+        neighbour = self.layout.neighbour(rank, module, -1 if forward else +1)
+        if neighbour is None:
+            return forward or (F, module, chunk) in have  # the batch, or the loss
+        peer, peer_module = neighbour
+        if peer == rank:  # the V's turn
+            return (F if forward else B, peer_module, chunk) in have
+        return ("recvF" if forward else "recvB", module, chunk) in have
+
+    def forward(self, rank: int, module: int, chunk: int) -> None:
+        state = self.ranks[rank]
+        if not self.has_input(rank, module, chunk, forward=True):
+            self.fail(rank, f"forward of {module}.{chunk} before its input arrived")
+        state.have.add((F, module, chunk))
+        state.live += 1
+        state.peak = max(state.peak, state.live)
+
+    def backward(self, rank: int, module: int, chunk: int, zero_bubble: bool) -> None:
+        state = self.ranks[rank]
+        if (F, module, chunk) not in state.have or not self.has_input(rank, module, chunk, forward=False):
+            self.fail(rank, f"backward of {module}.{chunk} before its forward or its output gradient")
+        state.have.add((B, module, chunk))
+        if zero_bubble:
+            state.weights.append((module, chunk))
+        else:
+            state.live -= 1
+
+    def compute(self, rank: int, op: Op) -> None:
+        state = self.ranks[rank]
+        if op.kind == F:
+            self.forward(rank, op.module, op.chunk)
+        elif op.kind == B:
+            self.backward(rank, op.module, op.chunk, op.zero_bubble)
+        elif op.kind == FB:
+            self.forward(rank, op.module, op.chunk)
+            self.backward(rank, *op.backward, zero_bubble=False)
+        else:
+            if not state.weights or state.weights[0] != (op.module, op.chunk):
+                self.fail(rank, f"the weight part of {op.module}.{op.chunk} is not the oldest one waiting ({list(state.weights)})")
+            state.weights.popleft()
+            state.live -= 1
+        start, state.clock = state.clock, state.clock + self.costs.of(op)
+        state.intervals.append(Interval(op, start, state.clock))
 
 
 def simulate(schedule: Schedule, costs: Costs | None = None, *, rendezvous: bool = False) -> Timeline:
@@ -120,178 +299,14 @@ def simulate(schedule: Schedule, costs: Costs | None = None, *, rendezvous: bool
 
     rendezvous: False: a send completes when posted (the transport buffers
         it), so a batch waits only for its receives, each done ``p2p`` after
-        its send was posted. True: a send also waits until its receive is
-        posted, as NCCL's grouped sends do; a schedule that completes so cannot
+        its send was posted. True: a transfer completes ``p2p`` after both its
+        sides are posted and a batch waits for its sends too, as NCCL's grouped
+        point-to-point operations do; a schedule that completes so cannot
         deadlock on any transport.
 
     Raises :class:`ScheduleError` if the schedule cannot run.
     """
-    costs = costs or Costs()
-    layout = schedule.layout
-    ranks = [_Rank(ops) for ops in schedule.ops]
-    # channel (src, dst) -> posted sends / receives in order: (post time, message)
-    posted: dict[tuple[int, int], dict[str, list[tuple[float, tuple]]]] = {}
-    reserved: dict[tuple, int] = {}  # (channel, side) -> transfers queued so far
-
-    def fail(rank: int, message: str) -> None:
-        raise ScheduleError(f"{schedule.name}: rank {rank}, op {ranks[rank].pc} ({ranks[rank].ops[ranks[rank].pc - 1]}): {message}")
-
-    def queue_transfer(rank: int, op: Op) -> None:
-        state = ranks[rank]
-        forward = op.kind in (SEND_F, RECV_F)
-        step = +1 if op.kind in (SEND_F, RECV_B) else -1
-        peer, peer_module = layout.neighbour(rank, op.module, step)
-        if op.kind in (SEND_F, SEND_B):
-            if (B if op.kind == SEND_B else F, op.module, op.chunk) not in state.done:
-                fail(rank, "sends a result not computed yet")
-            # the message names what the receiver gets: (F or B, receiving module, chunk)
-            message = ("F" if forward else "B", peer_module, op.chunk)
-            channel, side = (rank, peer), "send"
-        else:
-            message = ("F" if forward else "B", op.module, op.chunk)
-            channel, side = (peer, rank), "recv"
-        posted.setdefault(channel, {"send": [], "recv": []})
-        index = reserved.get((channel, side), 0)
-        reserved[(channel, side)] = index + 1
-        state.queued.append((side, channel, index, message))
-
-    def post(rank: int) -> None:
-        state = ranks[rank]
-        for side, channel, index, message in state.queued:
-            lists = posted[channel][side]
-            if len(lists) != index:
-                raise AssertionError("transfers posted out of order")
-            lists.append((state.clock, message))
-        state.waiting = [(side, channel, index) for side, channel, index, _ in state.queued]
-        state.queued = []
-
-    def try_complete(rank: int) -> bool:
-        """Finish the rank's posted batch if every partner has posted; False if not yet."""
-        state = ranks[rank]
-        end = state.clock
-        arrived = []
-        for side, channel, index in state.waiting:
-            if side == "send" and not rendezvous:
-                continue
-            other = posted[channel]["recv" if side == "send" else "send"]
-            if len(other) <= index:
-                return False
-            mine_time, mine = posted[channel][side][index]
-            theirs_time, theirs = other[index]
-            if mine != theirs:
-                src, dst = channel
-                sent, received = (mine, theirs) if side == "send" else (theirs, mine)
-                raise ScheduleError(
-                    f"{schedule.name}: message {index} from rank {src} to rank {dst} crosses: "
-                    f"sent {sent[0]}{sent[1]}.{sent[2]} (kind, module, chunk), expected {received[0]}{received[1]}.{received[2]}"
-                )
-            end = max(end, max(mine_time, theirs_time) + costs.p2p)
-            if side == "recv":
-                arrived.append(("recv" + mine[0], mine[1], mine[2]))
-        state.clock = end
-        state.done.update(arrived)
-        state.waiting = None
-        return True
-
-    def has_input(rank: int, module: int, chunk: int, forward: bool) -> bool:
-        """Whether the input of a forward (or the output gradient of a backward) is there."""
-        neighbour = layout.neighbour(rank, module, -1 if forward else +1)
-        if neighbour is None:
-            return forward or (F, module, chunk) in ranks[rank].done  # data, or the loss
-        peer, peer_module = neighbour
-        if peer == rank:
-            return (F if forward else B, peer_module, chunk) in ranks[rank].done
-        return ("recvF" if forward else "recvB", module, chunk) in ranks[rank].done
-
-    def run_forward(rank: int, module: int, chunk: int) -> None:
-        state = ranks[rank]
-        if not has_input(rank, module, chunk, forward=True):
-            fail(rank, f"forward of {module}.{chunk} before its input arrived")
-        state.done.add((F, module, chunk))
-        state.live += 1
-        state.peak = max(state.peak, state.live)
-
-    def run_backward(rank: int, module: int, chunk: int, zero_bubble: bool) -> None:
-        state = ranks[rank]
-        if (F, module, chunk) not in state.done or not has_input(rank, module, chunk, forward=False):
-            fail(rank, f"backward of {module}.{chunk} before its forward or its output gradient")
-        state.done.add((B, module, chunk))
-        if zero_bubble:
-            state.weights.append((module, chunk))
-        else:
-            state.live -= 1
-
-    def run_compute(rank: int, op: Op) -> None:
-        state = ranks[rank]
-        start = state.clock
-        if op.kind == F:
-            run_forward(rank, op.module, op.chunk)
-        elif op.kind == B:
-            run_backward(rank, op.module, op.chunk, op.zero_bubble)
-        elif op.kind == FB:
-            run_forward(rank, op.module, op.chunk)
-            run_backward(rank, *op.backward, zero_bubble=False)
-        else:  # W
-            if not state.weights or state.weights[0] != (op.module, op.chunk):
-                fail(rank, f"weight part of {op.module}.{op.chunk} is not the oldest one queued ({list(state.weights)})")
-            state.weights.popleft()
-            state.live -= 1
-        state.clock = start + costs.of(op)
-        state.intervals.append(Interval(op, start, state.clock))
-
-    def advance(rank: int) -> bool:
-        """Run the rank as far as it goes without waiting on a peer; whether it moved."""
-        state = ranks[rank]
-        moved = False
-        while not state.finished:
-            if state.waiting is not None:
-                if not try_complete(rank):
-                    return moved
-                moved = True
-                continue
-            if state.pc == len(state.ops):  # the final batch
-                post(rank)
-                moved = True
-                continue
-            op = state.ops[state.pc]
-            if op.kind in (SEND_F, RECV_F, SEND_B, RECV_B):
-                state.pc += 1
-                queue_transfer(rank, op)
-            elif state.queued:
-                post(rank)
-            else:
-                state.pc += 1
-                run_compute(rank, op)
-            moved = True
-        return moved
-
-    while not all(state.finished for state in ranks):
-        if not any([advance(rank) for rank in range(len(ranks))]):
-            stuck = ", ".join(
-                f"rank {r} before op {s.pc} ({s.ops[s.pc - 1] if s.pc else 'start'})"
-                for r, s in enumerate(ranks)
-                if not s.finished
-            )
-            raise ScheduleError(f"{schedule.name} deadlocks: {stuck} wait for peers that never send")
-    for (src, dst), sides in posted.items():
-        if len(sides["send"]) != len(sides["recv"]):
-            raise ScheduleError(
-                f"{schedule.name}: rank {src} sends {len(sides['send'])} messages to rank {dst}, "
-                f"which receives {len(sides['recv'])}"
-            )
-    for rank, state in enumerate(ranks):
-        if (state.live or state.weights) and not schedule.forward_only:
-            raise ScheduleError(f"{schedule.name}: rank {rank} ends with {state.live} micro-batches' backward unfinished")
-    makespan = max(state.clock for state in ranks)
-    return Timeline(
-        schedule=schedule,
-        costs=costs,
-        intervals=tuple(tuple(state.intervals) for state in ranks),
-        makespan=makespan,
-        bubble=tuple(makespan - sum(i.end - i.start for i in state.intervals) for state in ranks),
-        activations=tuple(state.peak for state in ranks),
-        parameters=tuple(len(modules) for modules in layout.stages),
-    )
+    return _Simulation(schedule, costs or Costs(), rendezvous).run()
 
 
 # DualPipe's README table, "based on the same number of PP stages":

@@ -24,12 +24,13 @@ def check_step(group, kind: str, overlapped: bool, num_chunks: int, dtype=torch.
     against the whole model run micro-batch by micro-batch in this process."""
     num_ranks, group_rank = dist.get_world_size(group), dist.get_rank(group)
     rank = rank_mapping[group_rank] if rank_mapping else group_rank
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     num_stages = num_ranks if kind == "dualpipe" else 2 * num_ranks
     torch.manual_seed(0)  # the same whole model on every rank
     stage_type = OverlappedStage if overlapped else Stage
-    model = nn.Sequential(*[stage_type(HIDDEN) for _ in range(num_stages)]).to(dtype)
-    x = randn(num_chunks * MICRO_BATCH, HIDDEN, seed=1, dtype=dtype)
-    labels = randn(num_chunks * MICRO_BATCH, HIDDEN, seed=2, dtype=dtype)
+    model = nn.Sequential(*[stage_type(HIDDEN) for _ in range(num_stages)]).to(device, dtype)
+    x = randn(num_chunks * MICRO_BATCH, HIDDEN, seed=1, dtype=dtype, device=device)
+    labels = randn(num_chunks * MICRO_BATCH, HIDDEN, seed=2, dtype=dtype, device=device)
     ref_loss, ref_outputs = reference_step(model, x, labels, num_chunks)
 
     mine = (model[rank], model[num_stages - 1 - rank])
@@ -99,6 +100,8 @@ def run_cases_and_subgroups(rank, world_size, group, cases):
     run_cases(rank, world_size, group, cases)
     pipelines = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     mine = rank % 2
+    with pytest.raises(ValueError, match=f"this process \\(global rank {rank}\\) is not in process_group"):
+        DualPipeV([Stage(HIDDEN), Stage(HIDDEN)], process_group=pipelines[1 - mine])
     mapping = [1, 0] if mine else None
     check_step(pipelines[mine], "dualpipev", True, 4, rank_mapping=mapping)
     check_step(pipelines[mine], "dualpipe", False, 4, rank_mapping=mapping)
@@ -113,6 +116,14 @@ def test_two_ranks():
 def test_four_ranks():
     cases = [("dualpipe", True, 8), ("dualpipe", False, 10), ("dualpipev", True, 8), ("dualpipev", False, 9)]
     assert spawn(run_cases_and_subgroups, 4, cases) == [True] * 4
+
+
+@pytest.mark.gpu
+def test_two_gpus_with_nccl():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    cases = [("dualpipe", True, 4), ("dualpipev", False, 4, torch.bfloat16)]
+    assert spawn(run_cases, 2, cases, backend="nccl") == [True] * 2
 
 
 def test_eight_ranks():
