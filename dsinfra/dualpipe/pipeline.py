@@ -73,9 +73,7 @@ class Pipeline(nn.Module):
         self.module = nn.ModuleList(modules)
         module_type = type(modules[0])
         self.overlapped_forward_backward = type(modules[1]) is module_type and hasattr(module_type, "overlapped_forward_backward")
-        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
-            raise ValueError(f"batch_dim must be an int >= 0; got {batch_dim!r}")
-        self.batch_dim = batch_dim
+        self.batch_dim = check_positive("batch_dim", batch_dim, allow_zero=True)
         self.group = process_group if process_group is not None else dist.group.WORLD
         group_rank = dist.get_rank(self.group)
         if group_rank < 0:

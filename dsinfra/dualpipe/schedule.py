@@ -35,6 +35,8 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable
 
+from dsinfra.validation import check_positive
+
 F, B, W, FB = "F", "B", "W", "FB"
 SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
 COMPUTE = (F, B, W, FB)
@@ -210,18 +212,15 @@ def _build(name: str, num_chunks: int, stages: list[list[tuple[int, int]]], rank
     return Schedule(name, num_chunks, layout, tuple(ops))
 
 
-def _check_counts(name: str, num_ranks: int, num_chunks: int) -> None:
-    for argument, value in (("num_ranks", num_ranks), ("num_chunks", num_chunks)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: {argument} must be an int; got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name}: {argument} must be >= 1; got {value}")
+def _check_counts(num_ranks: int, num_chunks: int) -> None:
+    check_positive("num_ranks", num_ranks)
+    check_positive("num_chunks", num_chunks)
 
 
 def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """1F1B: ``num_ranks`` stages, one per rank; stage s runs ``num_ranks - 1 - s``
     forwards, then alternates one forward and one backward, then drains."""
-    _check_counts("1f1b", num_ranks, num_chunks)
+    _check_counts(num_ranks, num_chunks)
 
     def rank_ops(ops: _RankOps) -> None:
         warmup = min(num_ranks - 1 - ops.rank, num_chunks)
@@ -242,7 +241,7 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     part, on the critical path, and its weight-gradient part ``W``. Stage s
     holds back up to ``s`` ``W`` s, running them where 1F1B would wait: in the
     steady state after each backward, and at the end."""
-    _check_counts("zb1p", num_ranks, num_chunks)
+    _check_counts(num_ranks, num_chunks)
 
     def rank_ops(ops: _RankOps) -> None:
         warmup = min(num_ranks - 1 - ops.rank, num_chunks)
@@ -344,7 +343,7 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
 
     num_ranks: even; num_chunks: even and at least ``2 * num_ranks``.
     """
-    _check_counts("dualpipe", num_ranks, num_chunks)
+    _check_counts(num_ranks, num_chunks)
     if num_ranks % 2:
         raise ValueError(f"DualPipe needs an even number of ranks; got {num_ranks}")
     if num_chunks % 2 or num_chunks < 2 * num_ranks:
@@ -370,7 +369,7 @@ def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
 
     num_chunks: at least ``2 * num_ranks``.
     """
-    _check_counts("dualpipev", num_ranks, num_chunks)
+    _check_counts(num_ranks, num_chunks)
     if num_chunks < 2 * num_ranks:
         raise ValueError(f"DualPipeV needs num_chunks >= 2 * num_ranks ({2 * num_ranks}); got num_chunks={num_chunks}")
 

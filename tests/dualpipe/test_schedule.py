@@ -106,7 +106,7 @@ def test_op_text():
         ("dualpipe", 4, 6, ValueError, "num_chunks even and >= 2 \\* num_ranks \\(8\\)"),
         ("dualpipe", 4, 9, ValueError, "num_chunks even"),
         ("dualpipev", 4, 7, ValueError, "num_chunks >= 2 \\* num_ranks \\(8\\)"),
-        ("1f1b", 0, 4, ValueError, "num_ranks must be >= 1"),
+        ("1f1b", 0, 4, ValueError, "num_ranks must be > 0; got 0"),
         ("zb1p", 2, 2.5, TypeError, "num_chunks must be an int"),
         ("gpipe", 2, 4, ValueError, "schedule must be one of 1f1b, zb1p, dualpipe, dualpipev"),
     ],

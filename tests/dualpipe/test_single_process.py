@@ -51,7 +51,7 @@ def test_construction_errors(world_of_one):
         DualPipeV([Stage(HIDDEN), Stage(HIDDEN).to("meta")])
     with pytest.raises(ValueError, match="rank_mapping must map the 1 ranks"):
         DualPipeV(stages(), rank_mapping=[1])
-    with pytest.raises(ValueError, match="batch_dim must be an int >= 0"):
+    with pytest.raises(ValueError, match="batch_dim must be >= 0; got -1"):
         DualPipeV(stages(), batch_dim=-1)
 
 
