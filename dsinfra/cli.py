@@ -17,6 +17,8 @@ from collections.abc import Sequence
 COMMANDS = {
     "info": ("dsinfra.info", "versions, devices, and which implementation each operation would use"),
     "bench": ("dsinfra.bench.cli", "run the benchmarks and report them against the machine's ceilings"),
+    "eplb": ("dsinfra.eplb.cli", "plan expert replication and placement from a file of expert loads"),
+    "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
 }
 
 

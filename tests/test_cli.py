@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -55,13 +56,24 @@ def test_bench_on_a_missing_gpu(capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_bench_lists_and_writes_json(tmp_path):
+def test_bench_lists_and_writes_json(tmp_path, capsys, monkeypatch):
+    fake = types.ModuleType("fake")
+    fake.__doc__ = "A fake benchmark."
+    fake.benchmark = lambda ctx: ctx.measure("noop", lambda: None, flops=1.0)
+    monkeypatch.setattr("dsinfra.bench.runner.registered", lambda: {"fake": fake})
     path = tmp_path / "bench.json"
-    done = dsinfra("bench", "--quick", "--repeats", "1", "--json", str(path))
-    assert done.returncode == 0, done.stderr
-    assert "registered benchmarks:" in done.stdout and "ceilings:" in done.stdout
+    assert _exit_code(["bench", "--quick", "--repeats", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "registered benchmarks:\n  fake       A fake benchmark." in out and "ceilings:" in out
     report = json.loads(path.read_text())
     assert report["quick"] is True and report["ceilings"]["copy_bytes_per_s"] > 0
+    assert [r["case"] for r in report["results"]] == ["noop"]
+
+
+def test_bench_list_shows_the_registered_benchmarks():
+    done = dsinfra("bench", "--list")
+    assert done.returncode == 0 and "registered benchmarks:" in done.stdout
+    assert "ceilings" not in done.stdout  # listing runs nothing
 
 
 def test_bench_unwritable_json(tmp_path, capsys, monkeypatch):

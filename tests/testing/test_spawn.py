@@ -78,10 +78,11 @@ def test_a_dead_rank_is_reported(tmp_path):
 
 def test_a_hung_rank_times_out(tmp_path):
     start = time.monotonic()
-    with pytest.raises(SpawnError, match="rank 1 did not finish within 8 s") as error:
+    with pytest.raises(SpawnError, match=r"ranks? (0, )?1 did not finish within 8 s") as error:
         spawn(_hang_on_rank_1, 2, str(tmp_path), timeout=8)
-    assert error.value.rank == 1
-    assert time.monotonic() - start < 20
+    # rank 0 finishes at once, but on a loaded machine even starting may take 8 s
+    assert 1 in error.value.ranks
+    assert time.monotonic() - start < 30
     _assert_all_gone(tmp_path, 2)
 
 
