@@ -19,6 +19,12 @@ per source token, its experts' outputs times their weights; then one bf16 row
 per token and rank goes back (an all-to-all of equal shares) and the source
 adds the ranks' rows in float32. A token that lists an expert twice is sent
 to it once, its weights added.
+
+Static shapes make the work proportional to the capacity
+(``num_max_dispatch_tokens_per_rank * num_ranks`` slots per expert), not to
+the tokens that arrived. That is the price on a GPU; on the CPU, where reading
+the counts costs nothing, the unpacking and the reduction touch only the
+filled slots (:func:`static_shapes`).
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int
     dispatch = rows * (2 * hidden + scales + num_experts)
     combine = rows * (2 * hidden + 4 * (num_experts // num_ranks))
     return -(-max(dispatch, combine) // 128) * 128
+
+
+def static_shapes(device: torch.device) -> bool:
+    """Whether low-latency work must avoid host synchronisation (so a GPU can
+    capture it in a CUDA graph); on the CPU it may read the counts."""
+    return device.type != "cpu"
 
 
 def _padded(t: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -105,7 +117,12 @@ def dispatch(
         per_rank = selected.view(num_local, num_ranks, max_tokens).sum(dim=2)
         handle.layout_range.copy_(((per_rank.cumsum(dim=1) - per_rank) << 32) | per_rank)
         outputs = [recv_x.view(-1, hidden)] + ([torch.empty(num_local * slots, hidden // GROUP, device=device)] if use_fp8 else [])
-        RowFormat(outputs).unpack_into(rows[:, : fmt.offsets[-1]], outputs, index=order.flatten())
+        data, index = rows[:, : fmt.offsets[-1]], order.flatten()
+        if static_shapes(device):  # every slot, past the counts too
+            RowFormat(outputs).unpack_into(data, outputs, index=index)
+        else:
+            filled = valid.flatten().nonzero().squeeze(1)
+            RowFormat(outputs).unpack_into(data, outputs, index=index[filled], positions=filled)
         if use_fp8:
             recv_scales.copy_(outputs[1].view(num_local, slots, -1))
 
@@ -132,10 +149,15 @@ def combine(
     # Slots past an expert's count point at the extra last row, which is dropped:
     # whatever they hold (NaN included) never reaches a result.
     sums = torch.zeros(slots + 1, hidden, dtype=torch.float32, device=device)
-    for expert in range(num_local):
-        rows = handle.slot_rows[expert]
-        weight = weights_here[rows.clamp(max=slots - 1), expert]
-        sums.index_add_(0, rows, x[expert].float() * weight[:, None])
+    if static_shapes(device):  # every slot, expert by expert: within one expert the rows are distinct
+        for expert in range(num_local):
+            rows = handle.slot_rows[expert]
+            weight = weights_here[rows.clamp(max=slots - 1), expert]
+            sums.index_add_(0, rows, x[expert].float() * weight[:, None])
+    else:  # the filled slots only (the CPU adds them in order)
+        experts, filled = (handle.slot_rows < slots).nonzero(as_tuple=True)
+        rows = handle.slot_rows[experts, filled]
+        sums.index_add_(0, rows, x[experts, filled].float() * weights_here[rows, experts][:, None])
     back = torch.empty(slots, hidden, dtype=x.dtype, device=device)
     work = comm.all_to_all(back, sums[:slots].to(x.dtype), async_op=True)
     combined = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)

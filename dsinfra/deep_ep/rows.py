@@ -53,9 +53,17 @@ class RowFormat:
             return _bytes(outputs[0])
         return torch.empty((outputs[0].shape[0], self.row_bytes), dtype=torch.uint8, device=outputs[0].device)
 
-    def unpack_into(self, rows: torch.Tensor, outputs: list[torch.Tensor], index: torch.Tensor | None = None) -> None:
-        """Copy the fields of ``rows`` (reordered by ``index`` when given:
-        output row i comes from row ``index[i]``) into ``outputs``."""
+    def unpack_into(
+        self,
+        rows: torch.Tensor,
+        outputs: list[torch.Tensor],
+        index: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Copy the fields of ``rows`` into ``outputs``: row i to output row i;
+        with ``index``, output row i gets row ``index[i]``; with ``positions``
+        too, output row ``positions[i]`` gets row ``index[i]`` and the other
+        output rows are left as they are."""
         if index is None and len(outputs) == 1 and rows.data_ptr() == outputs[0].data_ptr():
             return  # received in place (receive_buffer)
         for out, offset, width in zip(outputs, self.offsets, self.widths):
@@ -63,8 +71,10 @@ class RowFormat:
             field = rows[:, offset : offset + width]
             if index is None:
                 target.copy_(field)
-            else:
+            elif positions is None:
                 torch.index_select(field, 0, index, out=target)
+            else:
+                target.index_copy_(0, positions, field.index_select(0, index))
 
     def unpack(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """The fields of ``rows``: views when there is a single field, else copies."""
