@@ -221,33 +221,9 @@ class Buffer:
             outputs, works, finish, _ = self._dispatch_rows(fields, handle)
             return _as_x(outputs, is_fp8), None, None, None, None, self._event(works, finish, async_finish)
 
-        missing = [
-            name
-            for name, value in (
-                ("num_tokens_per_rank", num_tokens_per_rank),
-                ("is_token_in_rank", is_token_in_rank),
-                ("num_tokens_per_expert", num_tokens_per_expert),
-            )
-            if value is None
-        ]
-        if missing:
-            raise ValueError(f"dispatch without a handle needs {', '.join(missing)} (from get_dispatch_layout)")
-        num_ranks = self.group_size
-        check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32, shape=(num_ranks,), device=device)
-        check_tensor("is_token_in_rank", is_token_in_rank, dtype=torch.bool, shape=(num_tokens, num_ranks), device=device)
-        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, ndim=1, device=device)
-        num_experts = num_tokens_per_expert.shape[0]
-        self._check_num_experts(num_experts, "num_tokens_per_expert.shape[0]")
-        if num_tokens_per_rdma_rank is not None:
-            check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, dtype=torch.int32, shape=(self.num_nodes,), device=device)
-        if (topk_idx is None) != (topk_weights is None):
-            raise ValueError("topk_idx and topk_weights go together: pass both or neither")
-        num_topk = -1
-        if topk_idx is not None:
-            check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), device=device)
-            num_topk = topk_idx.shape[1]
-            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), device=device)
-
+        num_experts, num_topk = self._check_layout_arguments(
+            num_tokens, device, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights
+        )
         is_token_in_rank = is_token_in_rank.contiguous()
         tokens_to_rank = is_token_in_rank.sum(dim=0)
         in_node = is_token_in_rank.view(num_tokens, self.num_nodes, self.num_ranks_per_node).any(dim=2)
@@ -269,7 +245,7 @@ class Buffer:
             fields += [topk_idx, topk_weights]
         outputs, works, finish, handle = self._dispatch_rows(fields, handle)
 
-        num_local = num_experts // num_ranks
+        num_local = num_experts // self.group_size
         per_expert = [sum(row[self.rank * num_local + e] for row in counts.tokens_to_expert) for e in range(num_local)]
         per_expert = [-(-count // expert_alignment) * expert_alignment for count in per_expert]
         recv_topk_idx = recv_topk_weights = None
@@ -380,7 +356,7 @@ class Buffer:
             self.comm, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8
         )
         event, hook = self._low_latency_event(works, finish, async_finish, return_recv_hook)
-        return recv_x, recv_count, handle, event, hook
+        return recv_x, recv_count, handle._replace(arrival=event.event), event, hook
 
     def low_latency_combine(
         self,
@@ -398,7 +374,8 @@ class Buffer:
             (rows past recv_count are never read).
         topk_idx, topk_weights: [num_tokens, num_topk] int64 / float32, this
             rank's routing as dispatched.
-        handle: that dispatch's handle.
+        handle: that dispatch's handle (a dispatch not yet waited for is
+            completed first).
 
         Returns (combined_x [num_tokens, hidden] bfloat16, event, hook):
         combined_x[t] = sum_k topk_weights[t, k] * (expert topk_idx[t, k]'s output for token t).
@@ -437,6 +414,38 @@ class Buffer:
     def _check_num_experts(self, num_experts: int, name: str = "num_experts") -> None:
         check_positive(name, num_experts)
         check_divisible(name, num_experts, self.group_size, "the number of ranks")
+
+    def _check_layout_arguments(
+        self, num_tokens, device, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights
+    ) -> tuple[int, int]:
+        """The cheap checks of a dispatch's layout and top-k arguments; returns
+        (num_experts, num_topk), num_topk -1 without top-k."""
+        missing = [
+            name
+            for name, value in (
+                ("num_tokens_per_rank", num_tokens_per_rank),
+                ("is_token_in_rank", is_token_in_rank),
+                ("num_tokens_per_expert", num_tokens_per_expert),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ValueError(f"dispatch without a handle needs {', '.join(missing)} (from get_dispatch_layout)")
+        num_ranks = self.group_size
+        check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32, shape=(num_ranks,), device=device)
+        check_tensor("is_token_in_rank", is_token_in_rank, dtype=torch.bool, shape=(num_tokens, num_ranks), device=device)
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, ndim=1, device=device)
+        num_experts = num_tokens_per_expert.shape[0]
+        self._check_num_experts(num_experts, "num_tokens_per_expert.shape[0]")
+        if num_tokens_per_rdma_rank is not None:
+            check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, dtype=torch.int32, shape=(self.num_nodes,), device=device)
+        if (topk_idx is None) != (topk_weights is None):
+            raise ValueError("topk_idx and topk_weights go together: pass both or neither")
+        if topk_idx is None:
+            return num_experts, -1
+        check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), device=device)
+        check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, topk_idx.shape[1]), device=device)
+        return num_experts, topk_idx.shape[1]
 
     def _dispatch_rows(self, fields: list[torch.Tensor], handle: DispatchHandle):
         """Check the buffers against ``handle``'s layout and start the transfer."""

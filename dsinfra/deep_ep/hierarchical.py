@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from dsinfra.deep_ep.comm import Comm, Topology
+from dsinfra.deep_ep import normal
 from dsinfra.deep_ep.normal import DispatchHandle, Transfer, send_order, sum_rows
 from dsinfra.deep_ep.rows import RowFormat
 
@@ -60,18 +61,15 @@ def routes(topology: Topology, tokens_to_rank, tokens_to_node, rank: int | None 
 
 
 def make_handle(topology: Topology, is_token_in_rank: torch.Tensor, tokens_to_rank, tokens_to_node) -> DispatchHandle:
-    """The handle of a hierarchical dispatch, from the all-gathered counts
-    (``forward_row_idx`` is filled in once stage 1 has arrived)."""
-    me, num_tokens = topology.rank, is_token_in_rank.shape[0]
+    """The handle of a hierarchical dispatch: rows go to nodes, node by node."""
+    num_tokens = is_token_in_rank.shape[0]
     in_node = is_token_in_rank.view(num_tokens, topology.num_nodes, topology.num_ranks_per_node).any(dim=2)
-    prefix = torch.tensor(tokens_to_rank, dtype=torch.int32).cumsum(dim=0).to(torch.int32)
-    return DispatchHandle(
-        rank_prefix_matrix=prefix.to(is_token_in_rank.device),
-        is_token_in_rank=is_token_in_rank,
-        send_token_idx=send_order(in_node, sum(tokens_to_node[me])),
-        tokens_to_rank=tuple(map(tuple, tokens_to_rank)),
-        tokens_to_node=tuple(map(tuple, tokens_to_node)),
-        forward_row_idx=None,
+    return normal.make_handle(
+        topology,
+        is_token_in_rank,
+        tokens_to_rank,
+        send_token_idx=send_order(in_node, sum(tokens_to_node[topology.rank])),
+        tokens_to_node=tokens_to_node,
         recv_order=_recv_order(topology, tokens_to_rank).to(is_token_in_rank.device),
     )
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from dsinfra.deep_ep.comm import Comm
+from dsinfra.deep_ep.event import EventHandle
 from dsinfra.deep_ep.normal import Transfer
 from dsinfra.deep_ep.rows import RowFormat
 from dsinfra.fp8 import GROUP, per_token_cast_to_fp8
@@ -48,6 +49,7 @@ class LowLatencyHandle(NamedTuple):
     hidden: int
     num_experts: int
     slot_rows: torch.Tensor  # [num_local_experts, num_ranks * max_tokens] int64: arrived row of each slot, num_ranks * max_tokens past the count
+    arrival: EventHandle | None = None  # completes the dispatch, which fills the tensors above
 
 
 def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -134,7 +136,10 @@ def combine(
     comm: Comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle
 ) -> Transfer:
     """Send the weights (completed here), reduce this rank's experts' outputs
-    per source token, and start sending the sums back; see the module doc."""
+    per source token, and start sending the sums back; see the module doc.
+    A dispatch not yet waited for is completed first: its handle needs it."""
+    if handle.arrival is not None:
+        handle.arrival.current_stream_wait()
     num_ranks = comm.topology.num_ranks
     max_tokens, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
     num_local, slots = num_experts // num_ranks, num_ranks * max_tokens

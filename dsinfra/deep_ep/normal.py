@@ -52,19 +52,28 @@ def send_order(is_token_in_rank: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def make_handle(
-    topology: Topology, is_token_in_rank: torch.Tensor, tokens_to_rank: list[list[int]]
+    topology: Topology,
+    is_token_in_rank: torch.Tensor,
+    tokens_to_rank: list[list[int]],
+    *,
+    send_token_idx: torch.Tensor | None = None,
+    tokens_to_node: list[list[int]] | None = None,
+    recv_order: torch.Tensor | None = None,
 ) -> DispatchHandle:
-    """The handle of a flat dispatch, from the all-gathered counts."""
-    me = topology.rank
+    """A dispatch's handle, from the all-gathered counts: flat (rows go to
+    ranks), or with the hierarchical parts given (rows go to nodes;
+    ``forward_row_idx`` is filled in once stage 1 has arrived)."""
+    if send_token_idx is None:
+        send_token_idx = send_order(is_token_in_rank, sum(tokens_to_rank[topology.rank]))
     prefix = torch.tensor(tokens_to_rank, dtype=torch.int32).cumsum(dim=0).to(torch.int32)
     return DispatchHandle(
         rank_prefix_matrix=prefix.to(is_token_in_rank.device),
         is_token_in_rank=is_token_in_rank,
-        send_token_idx=send_order(is_token_in_rank, sum(tokens_to_rank[me])),
+        send_token_idx=send_token_idx,
         tokens_to_rank=tuple(map(tuple, tokens_to_rank)),
-        tokens_to_node=None,
+        tokens_to_node=tuple(map(tuple, tokens_to_node)) if tokens_to_node is not None else None,
         forward_row_idx=None,
-        recv_order=None,
+        recv_order=recv_order,
     )
 
 

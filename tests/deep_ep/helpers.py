@@ -58,6 +58,14 @@ def raised(fn) -> tuple[str, str] | None:
     return None
 
 
+def check_errors(got: dict, expected: dict) -> None:
+    """Each ``got[name]`` (from :func:`raised`) is an exception of the expected
+    kind whose message contains the expected text."""
+    for name, (kind, text) in expected.items():
+        error = got[name]
+        assert error is not None and error[0] == kind and text in error[1], (name, error)
+
+
 def dispatch_and_wait(buffer, x, **kwargs) -> dict:
     """Buffer.dispatch, waited for, as a dict; FP8 comes back as its bytes
     (float8 tensors do not pickle) with the received dtypes alongside."""
@@ -77,6 +85,7 @@ def dispatch_and_wait(buffer, x, **kwargs) -> dict:
 
 
 NUM_RANKS = 4
+WORLD_EXPERTS = 8  # experts of the normal-mode tests on the 4-rank world
 # Test modules whose ``_run_ranks(rank, world_size, group)`` runs in the shared
 # spawn, in this order (the failure part breaks a subgroup, so it runs last).
 PARTS = ("intranode", "hierarchical", "low_latency", "autograd", "failure")

@@ -13,9 +13,9 @@ import torch
 from dsinfra.deep_ep import Buffer, reference
 from dsinfra.fp8 import per_token_cast_to_fp8
 from dsinfra.testing import calc_diff
-from tests.deep_ep.helpers import HIDDEN, NUM_TOPK, all_inputs, dispatch_and_wait, layout_kwargs, raised, rank_inputs
+from tests.deep_ep.helpers import HIDDEN, NUM_RANKS, NUM_TOPK, WORLD_EXPERTS, dispatch_and_wait, layout_kwargs, raised, rank_inputs
 
-NUM_RANKS, RANKS_PER_NODE, NUM_EXPERTS = 4, 2, 8
+RANKS_PER_NODE, NUM_EXPERTS = 2, WORLD_EXPERTS
 ROW_BYTES = HIDDEN * 2 + NUM_TOPK * (8 + 4)  # bf16 token with its top-k ids and weights
 
 
@@ -52,12 +52,6 @@ def _run_ranks(rank, world_size, group):
 @pytest.fixture(scope="module")
 def ranks(all_ranks):
     return [result["hierarchical"] for result in all_ranks]
-
-
-@pytest.fixture(scope="module")
-def expected():
-    xs, idxs, weights = all_inputs(range(NUM_RANKS), NUM_EXPERTS)
-    return {"inputs": (xs, idxs, weights), "dispatch": reference.dispatch(xs, idxs, weights, NUM_EXPERTS)}
 
 
 def test_layout_counts_tokens_per_node(ranks, expected):

@@ -12,9 +12,21 @@ import torch.distributed as dist
 from dsinfra.deep_ep import Buffer, Config, reference
 from dsinfra.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from dsinfra.testing import calc_diff
-from tests.deep_ep.helpers import HIDDEN, NUM_TOPK, all_inputs, dispatch_and_wait, layout_kwargs, raised, rank_inputs, subgroup_inputs
+from tests.deep_ep.helpers import (
+    HIDDEN,
+    NUM_RANKS,
+    NUM_TOPK,
+    WORLD_EXPERTS,
+    all_inputs,
+    check_errors,
+    dispatch_and_wait,
+    layout_kwargs,
+    raised,
+    rank_inputs,
+    subgroup_inputs,
+)
 
-NUM_RANKS, NUM_EXPERTS = 4, 8
+NUM_EXPERTS = WORLD_EXPERTS
 SUBGROUPS, SUBGROUP_EXPERTS = ([0, 1], [2, 3]), 4
 
 
@@ -93,12 +105,6 @@ def _run_ranks(rank, world_size, group):
 @pytest.fixture(scope="module")
 def ranks(all_ranks):
     return [result["intranode"] for result in all_ranks]
-
-
-@pytest.fixture(scope="module")
-def expected():
-    xs, idxs, weights = all_inputs(range(NUM_RANKS), NUM_EXPERTS)
-    return {"inputs": (xs, idxs, weights), "dispatch": reference.dispatch(xs, idxs, weights, NUM_EXPERTS)}
 
 
 def test_layout_equals_a_plain_count(ranks, expected):
@@ -231,9 +237,7 @@ def test_argument_errors_name_the_argument(ranks):
         "group": ("TypeError", "group must be a torch.distributed.ProcessGroup"),
     }
     for result in ranks:
-        for name, (kind, text) in expected_errors.items():
-            got = result["local errors"][name]
-            assert got is not None and got[0] == kind and text in got[1], (name, got)
+        check_errors(result["local errors"], expected_errors)
 
 
 def test_two_rank_subgroups(ranks):

@@ -14,9 +14,9 @@ from dsinfra.deep_ep import Buffer, low_latency, reference
 from dsinfra.deep_ep.low_latency import static_shapes
 from dsinfra.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from dsinfra.testing import calc_diff
-from tests.deep_ep.helpers import HIDDEN, all_inputs, raised, rank_inputs, subgroup_inputs
+from tests.deep_ep.helpers import HIDDEN, NUM_RANKS, all_inputs, check_errors, raised, rank_inputs, subgroup_inputs
 
-NUM_RANKS, NUM_EXPERTS, MAX_TOKENS = 4, 8, 16
+NUM_EXPERTS, MAX_TOKENS = 8, 16
 SUBGROUPS, SUBGROUP_EXPERTS = ([0, 1], [2, 3]), 4
 MODES = {
     "fp8 hook": {"return_recv_hook": True},
@@ -32,6 +32,7 @@ def _round_trip(buffer, x, topk_idx, topk_weights, num_experts, use_fp8=True, **
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=use_fp8, **mode)
     assert (hook is None) == (not mode.get("return_recv_hook", False))
     hook() if hook is not None else event.current_stream_wait()
+    hook() if hook is not None else event.current_stream_wait()  # waiting twice does nothing more
     out = {"recv_count": recv_count, "src_info": handle.src_info, "layout_range": handle.layout_range}
     if use_fp8:
         recv_fp8, scales = recv_x
@@ -66,6 +67,11 @@ def _run_ranks(rank, world_size, group):
         finally:
             low_latency.static_shapes = static_shapes
         out[name]["traffic"] = buffer.traffic.intranode_bytes
+
+    # combine straight after a dispatch whose hook was never called: the experts all output ones
+    _, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, NUM_EXPERTS, return_recv_hook=True)
+    ones = torch.ones(NUM_EXPERTS // world_size, world_size * MAX_TOKENS, HIDDEN, dtype=torch.bfloat16)
+    out["combine before the hook"] = buffer.low_latency_combine(ones, topk_idx, topk_weights, handle)[0]
 
     too_small = Buffer(group, 0, hint - 1, low_latency_mode=True)
     out["errors"] = {
@@ -133,6 +139,13 @@ def test_round_trip_on_two_rank_subgroups(ranks):
         _check_round_trip([ranks[r]["subgroup"] for r in members], xs, idxs, [w.abs() for w in weights], SUBGROUP_EXPERTS, True)
 
 
+def test_combine_completes_a_dispatch_not_yet_received(ranks):
+    _, idxs, weights = all_inputs(range(NUM_RANKS), NUM_EXPERTS)
+    for rank, result in enumerate(ranks):
+        want = weights[rank].abs().masked_fill(idxs[rank] < 0, 0.0).sum(dim=1, keepdim=True).expand(-1, HIDDEN)
+        torch.testing.assert_close(result["combine before the hook"].float(), want, rtol=1e-2, atol=1e-2)
+
+
 def test_static_layout_and_bytes(ranks):
     slots, scales = NUM_RANKS * MAX_TOKENS, HIDDEN // 128
     for result in ranks:
@@ -154,8 +167,6 @@ def test_errors(ranks):
         "bf16 only": ("TypeError", "x must have dtype bfloat16"),
     }
     for result in ranks:
-        for name, (kind, text) in expected_errors.items():
-            got = result["errors"][name]
-            assert got is not None and got[0] == kind and text in got[1], (name, got)
+        check_errors(result["errors"], expected_errors)
         kind, message = result["disagree"]
         assert kind == "ValueError" and "disagree on num_max_dispatch_tokens_per_rank" in message
