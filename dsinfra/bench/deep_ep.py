@@ -87,9 +87,9 @@ class NaiveAllToAll:
         return out.index_add_(0, self.tokens, back.float()).to(y.dtype)
 
 
-def _normal_case(buffer, group, x, topk_idx, topk_weights, device, settings) -> dict:
-    """Our layout + dispatch + combine and the naive per-expert all-to-all on
-    the same tokens: per-iteration times, and the bytes one call sends."""
+def _normal_case(buffer, group, x, topk_idx, topk_weights, device, settings, *, naive: bool = False) -> dict:
+    """Our layout + dispatch + combine (and with ``naive`` the naive per-expert
+    all-to-all) on the same tokens: per-iteration times, and the bytes one call sends."""
     hidden = (x[0] if isinstance(x, tuple) else x).shape[1]
 
     def ours(y=None):
@@ -111,23 +111,20 @@ def _normal_case(buffer, group, x, topk_idx, topk_weights, device, settings) -> 
     expert_output = torch.randn(num_recv, hidden, device=device).to(torch.bfloat16)
     buffer.traffic.reset()
     ours(expert_output)
-    sent, internode = buffer.traffic.intranode_bytes + buffer.traffic.internode_bytes, buffer.traffic.internode_bytes
-    naive_output = torch.randn(sum(NaiveAllToAll(group, topk_idx, NUM_EXPERTS).recv), hidden, device=device).to(torch.bfloat16)
+    case = {"sent": buffer.traffic.intranode_bytes + buffer.traffic.internode_bytes, "internode": buffer.traffic.internode_bytes}
+    case["time"] = _timed(lambda: ours(expert_output), group, device, settings["warmup"], settings["repeats"])
+    if naive:
+        naive_output = torch.randn(sum(NaiveAllToAll(group, topk_idx, NUM_EXPERTS).recv), hidden, device=device).to(torch.bfloat16)
 
-    def baseline() -> int:
-        naive = NaiveAllToAll(group, topk_idx, NUM_EXPERTS)  # routing and counts, as ours does per call
-        naive.dispatch(x[0] if isinstance(x, tuple) else x)
-        naive.combine(naive_output, topk_idx.shape[0])
-        return naive.sent_bytes
+        def baseline() -> int:
+            scheme = NaiveAllToAll(group, topk_idx, NUM_EXPERTS)  # routing and counts, as ours does per call
+            scheme.dispatch(x[0] if isinstance(x, tuple) else x)
+            scheme.combine(naive_output, topk_idx.shape[0])
+            return scheme.sent_bytes
 
-    naive_sent = baseline()
-    return {
-        "time": _timed(lambda: ours(expert_output), group, device, settings["warmup"], settings["repeats"]),
-        "baseline": _timed(baseline, group, device, settings["warmup"], settings["repeats"]),
-        "sent": sent,
-        "internode": internode,
-        "naive_sent": naive_sent,
-    }
+        case["naive_sent"] = baseline()
+        case["baseline"] = _timed(baseline, group, device, settings["warmup"], settings["repeats"])
+    return case
 
 
 def _minimum_bytes(is_token_in_rank: torch.Tensor, rank: int, dispatch_row: int, combine_row: int) -> int:
@@ -153,7 +150,7 @@ def _run_rank(rank, world_size, group, settings):
         ("bf16", x, 2 * hidden),
         ("fp8", per_token_cast_to_fp8(x), hidden + 4 * (hidden // 128)),
     ):
-        case = _normal_case(buffer, group, tokens, topk_idx, topk_weights, device, settings)
+        case = _normal_case(buffer, group, tokens, topk_idx, topk_weights, device, settings, naive=True)
         case["minimum"] = _minimum_bytes(in_rank, rank, dispatch_row + 12 * NUM_TOPK, 2 * hidden)
         results[f"normal {name}"] = case
 
@@ -206,19 +203,22 @@ def benchmark(ctx) -> None:
     def mean_over_ranks(key, case):
         return sum(r[case][key] for r in ranks) / num_ranks
 
+    def ratio(a, b):  # None where nothing was sent (a single rank keeps everything)
+        return a / b if b else None
+
     for case in ranks[0]:
         first = ranks[0][case]  # times are already the slowest rank's
         extra = {"sent MB/rank": mean_over_ranks("sent", case) / 1e6}
         if case.startswith("normal"):
             sent, minimum, naive = (mean_over_ranks(k, case) for k in ("sent", "minimum", "naive_sent"))
-            extra.update({"sent/minimum": sent / minimum, "naive/sent": naive / sent})
+            extra.update({"sent/minimum": ratio(sent, minimum), "naive/sent": ratio(naive, sent)})
             baseline, tokens = "naive per-expert all-to-all", settings["num_tokens"]
         elif case.startswith("hierarchical"):
             internode, flat = mean_over_ranks("internode", case), mean_over_ranks("flat_internode", case)
-            extra.update({"internode MB/rank": internode / 1e6, "flat internode/internode": flat / internode})
+            extra.update({"internode MB/rank": internode / 1e6, "flat internode/internode": ratio(flat, internode)})
             baseline, tokens = "flat (one node)", settings["num_tokens"]
         else:
-            extra["normal sent/sent"] = mean_over_ranks("normal_sent", case) / mean_over_ranks("sent", case)
+            extra["normal sent/sent"] = ratio(mean_over_ranks("normal_sent", case), mean_over_ranks("sent", case))
             baseline, tokens = "normal mode, same tokens", settings["decode_tokens"]
         ctx.record(
             f"{case}, {tokens} tokens/rank",
