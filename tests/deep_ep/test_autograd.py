@@ -1,7 +1,8 @@
 """Gradients through dispatch and combine equal those of a single-process MoE
 layer: on 2-rank expert-parallel subgroups of the 4 ranks (as a pipeline's
 stages would hold them), each rank holding 2 of 4 linear experts, one
-backward pass through dsinfra.deep_ep.autograd."""
+backward pass through dsinfra.deep_ep.autograd; on the second subgroup the
+backward's collectives run on a buffer of their own."""
 
 from __future__ import annotations
 
@@ -28,21 +29,32 @@ def _output_grad(rank: int, num_tokens: int) -> torch.Tensor:
 
 def _run_ranks(rank, world_size, group):
     subgroup = [dist.new_group(ranks) for ranks in SUBGROUPS][rank // 2]
+    backward_group = [dist.new_group(ranks) for ranks in SUBGROUPS][rank // 2]
     buffer = Buffer(subgroup, num_nvl_bytes=int(1e8))
+    # ranks 2 and 3 run the backward's collectives on a second buffer (as DualPipe's overlap needs)
+    backward_buffer = Buffer(backward_group, num_nvl_bytes=int(1e8)) if rank >= 2 else None
     x, topk_idx, topk_weights = subgroup_inputs(rank, NUM_EXPERTS, dtype=torch.float32)
     x.requires_grad_(True)
     topk_weights.requires_grad_(True)
     first = subgroup.rank() * NUM_LOCAL
     experts = [w.requires_grad_(True) for w in _experts()[first : first + NUM_LOCAL]]
 
-    recv_x, recv_topk_idx, recv_topk_weights, counts, handle = ep.dispatch(buffer, x, topk_idx, topk_weights, NUM_EXPERTS)
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle = ep.dispatch(
+        buffer, x, topk_idx, topk_weights, NUM_EXPERTS, backward_buffer=backward_buffer
+    )
     y = torch.zeros_like(recv_x)
     for e, weight in enumerate(experts):
         rows, k = (recv_topk_idx == e).nonzero(as_tuple=True)
         y = y.index_add(0, rows, (recv_x[rows] @ weight) * recv_topk_weights[rows, k, None])
-    out = ep.combine(buffer, y, handle)
+    out = ep.combine(buffer, y, handle, backward_buffer=backward_buffer)
+    forward_bytes = buffer.traffic.intranode_bytes
     # the last term also touches the weights of experts held elsewhere (constant zeros: no gradient)
     ((out * _output_grad(rank, len(x))).sum() + recv_topk_weights.sum()).backward()
+    backward_bytes = buffer.traffic.intranode_bytes - forward_bytes
+    if backward_buffer is not None:
+        assert backward_bytes == 0 and backward_buffer.traffic.intranode_bytes > 0, "the backward used the wrong buffer"
+    else:
+        assert backward_bytes > 0
     return {"out": out.detach(), "x": x.grad, "topk_weights": topk_weights.grad, "experts": [w.grad for w in experts]}
 
 
