@@ -81,18 +81,21 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared expert + routed experts. With ``dispatcher`` unset every routed
-    expert lives here; an expert-parallel dispatcher (see
+    """Shared expert + routed experts of block ``layer``. With ``dispatcher``
+    unset every routed expert lives here; an expert-parallel dispatcher (see
     :mod:`dsinfra.models.parallel`) sends tokens to the ranks holding their
-    experts and brings the results back."""
+    experts and brings the results back. ``tokens_per_expert`` counts the
+    routing decisions since the last :meth:`Gate.update_bias`."""
 
-    def __init__(self, args: ModelArgs, linear: LinearFactory = plain_linear, num_local_experts: int | None = None):
+    def __init__(self, args: ModelArgs, layer: int, linear: LinearFactory = plain_linear):
         super().__init__()
         self.args = args
+        self.layer = layer
         self.gate = Gate(args)
-        self.experts = Experts(num_local_experts or args.n_routed_experts, args.dim, args.moe_inter_dim, linear)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, linear)
         self.shared = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
         self.dispatcher = None
+        self.recorder = None  # an eplb.ExpertLoadRecorder over the model's MoE layers, if set
         # tokens routed to each expert since the last balancing step
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
 
@@ -101,6 +104,8 @@ class MoE(nn.Module):
         weights, indices = self.gate(flat)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.args.n_routed_experts)
+        if self.recorder is not None:
+            self.recorder.record(self.layer - self.args.n_dense_layers, indices)
         if self.dispatcher is None:
             routed = self.experts(flat, indices, weights)
         else:

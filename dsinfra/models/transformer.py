@@ -20,7 +20,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim)
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.dim)
-        self.ffn = MoE(args, expert_linear) if args.is_moe_layer(layer) else MLP(args.dim, args.inter_dim)
+        self.ffn = MoE(args, layer, expert_linear) if args.is_moe_layer(layer) else MLP(args.dim, args.inter_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
