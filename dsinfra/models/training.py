@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 3e-3
     seed: int = 0
     fp8: bool = True  # experts through dsinfra.deep_gemm.FP8Linear
+    device: str = "cpu"  # or "cuda": each rank on its current GPU, NCCL between them
 
     def __post_init__(self):
         if self.pp < 1 or self.ep < 1:
@@ -83,8 +84,14 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig) -> Transformer:
-    """The whole model, identical on every rank (same seed)."""
-    return Transformer(config.args, config.expert_linear(), seed=config.seed)
+    """The whole model, identical on every rank (same seed), on this rank's device."""
+    return Transformer(config.args, config.expert_linear(), seed=config.seed).to(rank_device(config))
+
+
+def rank_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(config.device)
 
 
 @dataclasses.dataclass
@@ -197,7 +204,7 @@ class Trainer:
         """The pipeline's forward and backward over batch ``step``, gradients
         summed over the expert-parallel ranks; the loss as :meth:`step`."""
         config, grid = self.config, self.grid
-        tokens, targets = self.task.batch(step)
+        tokens, targets = (t.to(rank_device(config)) for t in self.task.batch(step))
         per_rank = config.batch_size // config.ep
         shard = slice(grid.ep_rank * per_rank, (grid.ep_rank + 1) * per_rank)
         first = grid.pp_rank == 0
