@@ -30,50 +30,47 @@ import torch
 from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
 from dsinfra.fp8 import GROUP
 
-_TILE_ELEMENTS = 1 << 20  # RHS elements dequantised at a time: 2 MiB of bf16, about one core's L2
-_BIAS_SHIFT = 2.0**120  # the shifted bits of x read as the bf16 of x * 2^-120
+_TILE_ELEMENTS = 1 << 22  # RHS elements dequantised at a time: 8 MiB of bf16
+_BIAS_EXPONENT = 120  # the shifted bits of x read as the bf16 of x * 2^-120
 _SIGN_AND_LOW_EXPONENT = -30736  # int16 0x87f0: bit 15 (sign) and bits 10..4 (eeee mmm)
 _LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16
 
 
-def _scale_exponent(scales: torch.Tensor) -> int:
-    """The power of two to divide ``scales`` by so that ``scales * 2^120`` stays
-    finite in bf16: 0 unless a scale reaches 2^7."""
-    if scales.numel() == 0:
-        return 0
-    largest = float(scales.abs().max())
-    return max(0, math.frexp(largest)[1] - _LARGEST_SCALE_EXPONENT) if math.isfinite(largest) else 0
+def _factors(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(bf16 ``scales * 2^(120 - e)``, e): the multipliers :func:`_dequantise` needs,
+    with e = 0 unless a scale reaches 2^7, where the multipliers would overflow bf16
+    (the output is then multiplied by 2^e)."""
+    exponent = 0
+    if scales.numel():
+        smallest, largest = scales.aminmax()
+        largest = max(-float(smallest), float(largest))
+        if math.isfinite(largest):
+            exponent = max(0, math.frexp(largest)[1] - _LARGEST_SCALE_EXPONENT)
+    return (scales * 2.0 ** (_BIAS_EXPONENT - exponent)).to(torch.bfloat16), exponent
 
 
 def _buffer(rows: int, k: int, like: torch.Tensor) -> torch.Tensor:
     """An int16 ``[rows, align(k, 128)]`` buffer laid out like ``like`` (row- or
     column-major), zero past column k."""
     width = align(k, GROUP)
-    if like.dim() == 2 and like.stride(0) == 1 and like.stride(1) != 1:
+    if like.stride(0) == 1 and like.stride(1) != 1:
         buffer = torch.empty(width, rows, dtype=torch.int16).T
     else:
         buffer = torch.empty(rows, width, dtype=torch.int16)
-    buffer[:, k:].zero_()
+    if width > k:
+        buffer[:, k:].zero_()
     return buffer
 
 
-def _dequantise(x: torch.Tensor, scales: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """x: [r, k] float8_e4m3fn, scales: [r, ceil(k/128)] float32 (each below 2^7),
+def _dequantise(x: torch.Tensor, factors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """x: [r, k] float8_e4m3fn, factors: [r, ceil(k/128)] from :func:`_factors`,
     buffer: [r, align(k, 128)] int16 from :func:`_buffer` -> the buffer as bf16,
     holding ``x * scales`` (zero past column k)."""
-    k = x.shape[1]
-    buffer[:, :k].copy_(x.view(torch.int8))  # sign-extends each byte
+    buffer[:, : x.shape[1]].copy_(x.view(torch.int8))  # sign-extends each byte
     buffer.mul_(16).bitwise_and_(_SIGN_AND_LOW_EXPONENT)  # bf16 bits of x * 2^-120
     values = buffer.view(torch.bfloat16)
-    factors = (scales * _BIAS_SHIFT).to(torch.bfloat16)
     values.unflatten(1, (-1, GROUP)).mul_(factors.unsqueeze(-1))
     return values
-
-
-def _expand_rhs_scales(sb: torch.Tensor, start: int, stop: int, rows_per_scale: int) -> torch.Tensor:
-    """The scale rows of RHS rows ``start:stop`` (start a multiple of 128), one per row."""
-    scales = sb[start // rows_per_scale : ceil_div(stop, rows_per_scale)]
-    return scales if rows_per_scale == 1 else scales.repeat_interleave(rows_per_scale, dim=0)[: stop - start]
 
 
 def fp8_gemm_nt(a, sa, b, sb, d, c) -> None:
@@ -82,17 +79,23 @@ def fp8_gemm_nt(a, sa, b, sb, d, c) -> None:
     n = b.shape[0]
     if m == 0:
         return
-    lhs_exponent, rhs_exponent = _scale_exponent(sa), _scale_exponent(sb)
-    lhs = _dequantise(a, sa * 2.0**-lhs_exponent, _buffer(m, k, a))
+    lhs_factors, lhs_exponent = _factors(sa)
+    lhs = _dequantise(a, lhs_factors, _buffer(m, k, a))
+    rhs_factors, rhs_exponent = _factors(sb)
     rows_per_scale = rhs_rows_per_scale(sb, n)
-    rhs_scales = sb * 2.0**-rhs_exponent
+    if rows_per_scale > 1:
+        rhs_factors = rhs_factors.repeat_interleave(rows_per_scale, dim=0)  # one row of factors per RHS row
     output_factor = 2.0 ** (lhs_exponent + rhs_exponent)
+    direct = c is None and output_factor == 1 and d.dtype == torch.bfloat16
     tile = max(GROUP, _TILE_ELEMENTS // align(k, GROUP) // GROUP * GROUP)
     buffer = _buffer(min(tile, n), k, b)
     for start in range(0, n, tile):
         stop = min(start + tile, n)
-        scales = _expand_rhs_scales(rhs_scales, start, stop, rows_per_scale)
-        product = lhs @ _dequantise(b[start:stop], scales, buffer[: stop - start]).T
+        rhs = _dequantise(b[start:stop], rhs_factors[start:stop], buffer[: stop - start])
+        if direct:
+            torch.matmul(lhs, rhs.T, out=d[:, start:stop])
+            continue
+        product = lhs @ rhs.T
         if output_factor != 1:
             product.mul_(output_factor)
         if c is not None:

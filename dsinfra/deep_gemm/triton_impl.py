@@ -37,7 +37,7 @@ _DECODED_PRODUCT_FACTOR = tl.constexpr(2.0**16)  # two operands decoded as x * 2
 def _decode_e4m3(x):
     """uint8 bits of float8_e4m3fn -> the same values times 2^-8, as fp16 (exact)."""
     bits = x.to(tl.int8, bitcast=True).to(tl.int16)
-    bits = (bits << 7) & -16512  # 0xbf80: bit 15 (sign) and bits 13..7 (eeee mmm)
+    bits = ((bits << 7) & -16512).to(tl.int16)  # 0xbf80: bit 15 (sign) and bits 13..7 (eeee mmm)
     return bits.to(tl.float16, bitcast=True)
 
 
@@ -118,17 +118,17 @@ def _m_grouped_gemm_kernel(
             group = tl.max(row_groups, axis=0)
             store_mask &= (row_groups == group)[:, None]
         if (pid_m * BLOCK_M < rows) & (group >= 0):
-            group = group.to(tl.int64)
+            g = group.to(tl.int64)
             acc = _block_scaled_product(
-                a_ptr + group * stride_ag, sa_ptr + group * stride_sag,
-                b_ptr + group * stride_bg, sb_ptr + group * stride_sbg,
+                a_ptr + g * stride_ag, sa_ptr + g * stride_sag,
+                b_ptr + g * stride_bg, sb_ptr + g * stride_sbg,
                 offs_m.to(tl.int64), offs_n.to(tl.int64), m_mask, n_mask, 0, K, 0,
                 stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn, stride_sbk,
                 RHS_ROWS_PER_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT,
             )  # fmt: skip
             if HAS_C:
                 acc += tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=store_mask, other=0.0)
-            d_ptrs = d_ptr + group * stride_dg + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :] * stride_dn
+            d_ptrs = d_ptr + g * stride_dg + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :] * stride_dn
             tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=store_mask)
 
 
