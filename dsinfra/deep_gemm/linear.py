@@ -66,15 +66,17 @@ class FP8LinearFunction(torch.autograd.Function):
         grad_tokens = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight_t = (weight_fp8.T, weight_scales.T)
+            weight_t = (weight_fp8.T.contiguous(), weight_scales.T)
             grad_x = _gemm_nt(grad_tokens, weight_t, torch.bfloat16, (1, GROUP, GROUP))
             grad_x = grad_x.to(tokens.dtype).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             if tokens.shape[0] == 0:
                 grad_weight = torch.zeros(weight_fp8.shape, dtype=ctx.weight_dtype, device=tokens.device)
             else:
-                tokens_t = per_token_cast_to_fp8(tokens.T)
-                grad_weight = _gemm_nt(grad_tokens.T, tokens_t, torch.float32, (1, 1, GROUP)).to(ctx.weight_dtype)
+                # cast along the tokens: transposed first, as casts read rows fast and strided columns slowly
+                tokens_t = per_token_cast_to_fp8(tokens.T.contiguous())
+                grad_weight = _gemm_nt(grad_tokens.T.contiguous(), tokens_t, torch.float32, (1, 1, GROUP))
+                grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_tokens.sum(dim=0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias
