@@ -1,6 +1,8 @@
 """The dense FP8 GEMM: every implementation against the reference and against the
 unquantised product, over DeepGEMM's shape list scaled down."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given
@@ -82,6 +84,31 @@ def test_layouts_and_recipes(implementation, kernel_device):
 
     huge = (a[0], a[1] * 2.0**40)  # scales far above FP8's range: the CPU path rescales them
     assert calc_diff(run_dense(implementation, huge, b, m, n, device), expected * 2.0**40) < CLOSE_TO_REFERENCE
+
+
+def test_torch_path_is_thread_safe():
+    """Threads dequantise into scratch memory of their own (DSINFRA_BACKEND=auto
+    serves CPU tensors with the torch path)."""
+    shapes = [(64, 300, 512), (200, 136, 256)]
+    cases = [dense(m, n, k, seed=seed) for seed, (m, n, k) in enumerate(shapes)]
+    expected = [run_dense("reference", a, b, m, n) for (a, b, _), (m, n, _) in zip(cases, shapes)]
+    results = {}
+
+    def work(i):
+        (a, b, _), (m, n, _) = cases[i], shapes[i]
+        outs = [torch.empty(m, n, dtype=torch.bfloat16) for _ in range(10)]
+        for out in outs:
+            deep_gemm.fp8_gemm_nt(a, b, out)
+        results[i] = outs
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, outs in results.items():
+        assert all(calc_diff(out.float(), expected[i]) < CLOSE_TO_REFERENCE for out in outs)
+    assert len(results) == len(cases)
 
 
 @pytest.mark.parametrize("implementation", ["reference", "torch", "triton"])
