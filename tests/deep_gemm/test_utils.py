@@ -1,4 +1,6 @@
-"""The utilities under DeepGEMM's names, and the API's aliases."""
+"""The utilities under DeepGEMM's names, the API's aliases, and the example in the docs."""
+
+import pathlib
 
 import pytest
 import torch
@@ -59,3 +61,10 @@ def test_names():
         "m_grouped_fp8_gemm_nt_masked",
         "k_grouped_fp8_gemm_tn_contiguous",
     )
+
+
+def test_docs_example_runs():
+    """The example in docs/deep_gemm.md works as written."""
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "deep_gemm.md").read_text()
+    example = page.split("```python\n")[1].split("```")[0]
+    exec(compile(example, "docs/deep_gemm.md", "exec"), {})
