@@ -29,7 +29,8 @@ from dsinfra.deep_gemm.utils import ceil_div, get_num_sms, rhs_rows_per_scale
 from dsinfra.fp8 import GROUP
 from dsinfra.triton_utils import dot, fp8_dot_supported
 
-_MODE_DENSE, _MODE_CONTIGUOUS, _MODE_MASKED = 0, 1, 2
+# what the M-grouped kernel's layout argument holds: nothing, m_indices or masked_m
+_MODE_DENSE, _MODE_CONTIGUOUS, _MODE_MASKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _DECODED_PRODUCT_FACTOR = tl.constexpr(2.0**16)  # two operands decoded as x * 2^-8 each
 
 
@@ -101,19 +102,19 @@ def _m_grouped_gemm_kernel(
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = tiles_m * tiles_n
-    num_tiles = tiles_per_group * num_groups if MODE == 2 else tiles_per_group
+    num_tiles = tiles_per_group * num_groups if MODE == _MODE_MASKED else tiles_per_group
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         group = tile // tiles_per_group  # 0 but in the masked mode
         pid_m, pid_n = _tile_program(tile % tiles_per_group, tiles_m, tiles_n, SWIZZLE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = M
-        if MODE == 2:
+        if MODE == _MODE_MASKED:
             rows = tl.load(layout_ptr + group)
         m_mask = offs_m < rows
         n_mask = offs_n < N
         store_mask = m_mask[:, None] & n_mask[None, :]
-        if MODE == 1:
+        if MODE == _MODE_CONTIGUOUS:
             row_groups = tl.load(layout_ptr + offs_m, mask=m_mask, other=-1)
             group = tl.max(row_groups, axis=0)
             store_mask &= (row_groups == group)[:, None]
@@ -195,7 +196,7 @@ def _group_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return tensor.stride() if tensor.dim() == 3 else (0, *tensor.stride())
 
 
-def _launch_m_grouped(a, sa, b, sb, d, c, layout, mode: int, num_groups: int, config_m: int) -> None:
+def _launch_m_grouped(a, sa, b, sb, d, c, layout, mode: tl.constexpr, num_groups: int, config_m: int) -> None:
     """Launch the M-grouped kernel: a, sa and d are [num_groups, m, ...] in the
     masked mode and 2-D (shared) otherwise; b and sb [num_groups, n, ...] or 2-D."""
     m, k = a.shape[-2:]
@@ -208,7 +209,7 @@ def _launch_m_grouped(a, sa, b, sb, d, c, layout, mode: int, num_groups: int, co
         a, sa, b, sb, d, c if c is not None else d, layout if layout is not None else d,
         m, n, k, num_groups,
         *_group_strides(a), *_group_strides(sa), *_group_strides(b), *_group_strides(sb), *_group_strides(d), *c_strides,
-        MODE=mode, HAS_C=c is not None, RHS_ROWS_PER_SCALE=rhs_rows_per_scale(sb, n), FP8_DOT=fp8_dot, **config,
+        MODE=mode.value, HAS_C=c is not None, RHS_ROWS_PER_SCALE=rhs_rows_per_scale(sb, n), FP8_DOT=fp8_dot, **config,
     )  # fmt: skip
 
 
