@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 # DeepGEMM's tables: dense (m, n, k); contiguous (groups, m per group, n, k); masked (groups, m per group, n, k)
-DENSE = [(m, n, k) for m in (64, 128, 4096) for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))]
+DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DENSE = [(m, n, k) for m in (64, 128, 4096) for n, k in DENSE_NK]
 CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
 # FP8Linear forward + backward (tokens, in_features, out_features): the demo's expert FFN sizes and a larger one

@@ -8,7 +8,7 @@ along the dimension the GEMM reduces over, and write bf16 or float32:
 | --- | --- | --- | --- |
 | forward | ``y = x @ W.T`` | x, per token over in_features | W, 128x128 blocks |
 | input gradient | ``dx = dy @ W`` | dy, per token over out_features | W.T: the forward's blocks, transposed |
-| weight gradient | ``dW = dy.T @ x`` | dy.T, per output feature over 128 tokens | x.T, per input feature over 128 tokens (1x128) |
+| weight gradient | ``dW = dy.T @ x`` | dy.T, per output feature over 128 tokens | x.T, per input feature over 128 tokens |
 
 The weight is cast once per forward and its FP8 copy reused by the backward
 (128x128 blocks transpose into 128x128 blocks); the input is kept as given for

@@ -72,8 +72,10 @@ def _block_scaled_product(
     for block in range(0, tl.cdiv(k_stop - k_start, BLOCK_K)):
         k = k_start + block * BLOCK_K + offs_k
         k_mask = k < k_stop
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :] * stride_bk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + k[None, :] * stride_bk
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         sa = tl.load(sa_ptr + offs_m * stride_sam + (scale_start + block) * stride_sak, mask=m_mask, other=0.0)
         sb = tl.load(sb_ptr + sb_rows * stride_sbn + (scale_start + block) * stride_sbk, mask=n_mask, other=0.0)
         if not FP8_DOT:
@@ -184,7 +186,7 @@ def _launch_config(m: int) -> dict[str, int]:
     """Tile sizes and launch settings for ``m`` rows per group (BLOCK_M divides 128,
     the contiguous layout's alignment)."""
     block_m = 64 if m <= 64 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": GROUP, "SWIZZLE": 8, "num_warps": 4 if block_m == 64 else 8, "num_stages": 3}
+    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": GROUP, "SWIZZLE": 8, "num_warps": block_m // 16, "num_stages": 3}
 
 
 def _grid(num_tiles: int) -> tuple[int]:

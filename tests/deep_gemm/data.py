@@ -47,9 +47,8 @@ def contiguous(group_sizes: list[int], n: int, k: int, seed: int = 0):
     with -1 rows whose data and scales are NaN (which must never be read); expected
     is NaN on those rows."""
     alignment = get_m_alignment_for_contiguous_layout()
-    m_indices = torch.cat(
-        [torch.tensor([g] * size + [-1] * (align(size, alignment) - size), dtype=torch.int32) for g, size in enumerate(group_sizes)]
-    )
+    segments = [[g] * size + [-1] * (align(size, alignment) - size) for g, size in enumerate(group_sizes)]
+    m_indices = torch.tensor(sum(segments, []), dtype=torch.int32)
     x, w = randn(len(m_indices), k, seed=seed), randn(len(group_sizes), n, k, seed=seed + 1)
     x_fp8, scales = per_token_cast_to_fp8(x)
     padding = m_indices < 0

@@ -22,7 +22,8 @@ def device_for(implementation, kernel_device):
 
 def run_contiguous(implementation, lhs, rhs, m_indices, device):
     out = torch.full((len(m_indices), rhs[0].shape[1]), UNTOUCHED, dtype=torch.bfloat16, device=device)
-    call(implementation, deep_gemm.m_grouped_fp8_gemm_nt_contiguous, tuple(to(device, *lhs)), tuple(to(device, *rhs)), out, m_indices.to(device))
+    lhs, rhs = tuple(to(device, *lhs)), tuple(to(device, *rhs))
+    call(implementation, deep_gemm.m_grouped_fp8_gemm_nt_contiguous, lhs, rhs, out, m_indices.to(device))
     return out.cpu().float()
 
 
@@ -46,7 +47,8 @@ def test_contiguous(implementation, kernel_device, sizes, n, k):
 def run_masked(implementation, lhs, rhs, masked_m, expected_m, device):
     num_groups, m_max, _ = lhs[0].shape
     out = torch.full((num_groups, m_max, rhs[0].shape[1]), UNTOUCHED, dtype=torch.bfloat16, device=device)
-    call(implementation, deep_gemm.m_grouped_fp8_gemm_nt_masked, tuple(to(device, *lhs)), tuple(to(device, *rhs)), out, masked_m.to(device), expected_m)
+    lhs, rhs = tuple(to(device, *lhs)), tuple(to(device, *rhs))
+    call(implementation, deep_gemm.m_grouped_fp8_gemm_nt_masked, lhs, rhs, out, masked_m.to(device), expected_m)
     return out.cpu().float()
 
 
@@ -69,7 +71,8 @@ def run_k_grouped(implementation, a, b, ks, c, device):
     d = torch.full((num_groups, m, n), float("nan"), device=device)
     ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device)
     c = None if c is None else c.to(device)
-    call(implementation, deep_gemm.k_grouped_fp8_gemm_tn_contiguous, tuple(to(device, *a)), tuple(to(device, *b)), d, ks, ks_tensor, c)
+    a, b = tuple(to(device, *a)), tuple(to(device, *b))
+    call(implementation, deep_gemm.k_grouped_fp8_gemm_tn_contiguous, a, b, d, ks, ks_tensor, c)
     return d.cpu()
 
 
