@@ -63,7 +63,7 @@ def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = padded.unflatten(0, (-1, GROUP)).unflatten(2, (-1, GROUP))  # [nb, 128, kb, 128]
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=_AMAX_FLOOR)
     scales = amax / FP8_MAX
-    x_fp8 = (blocks / scales[:, None, :, None]).flatten(2).flatten(0, 1)[:n, :k].to(torch.float8_e4m3fn)
+    x_fp8 = (blocks / scales[:, None, :, None]).flatten(2).flatten(0, 1)[:n, :k].to(torch.float8_e4m3fn).contiguous()
     return x_fp8, scales
 
 

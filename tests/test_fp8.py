@@ -12,6 +12,7 @@ def test_per_token_round_trip(shape, dtype):
     x_fp8, scales = per_token_cast_to_fp8(x)
     assert x_fp8.dtype == torch.float8_e4m3fn and x_fp8.shape == x.shape
     assert scales.dtype == torch.float32 and scales.shape == (*shape[:-1], -(-shape[-1] // 128))
+    assert x_fp8.is_contiguous()
     assert calc_diff(per_token_cast_back(x_fp8, scales), x.float()) < 1e-3
     # every group uses the full fp8 range
     assert x_fp8.float().abs().amax() == FP8_MAX
@@ -36,6 +37,7 @@ def test_per_block_round_trip(shape):
     x = randn(*shape, seed=1)
     x_fp8, scales = per_block_cast_to_fp8(x)
     assert x_fp8.shape == x.shape and scales.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    assert x_fp8.is_contiguous()  # row-major like its input, as GEMMs read weights
     assert calc_diff(per_block_cast_back(x_fp8, scales), x) < 1e-3
 
 

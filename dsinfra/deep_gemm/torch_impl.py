@@ -1,0 +1,144 @@
+"""The CPU path: FP8 GEMMs as bf16 matmuls over dequantised operands.
+
+The CPU has no FP8 matrix unit, but its bf16 one (AMX, AVX-512 BF16) is fast, so
+each operand is dequantised into bf16 (``x * scale``) and handed to
+``torch.matmul``: the LHS once per call, the RHS (the weight) one N-tile of at
+most :data:`_TILE_ELEMENTS` at a time, so a large weight is never dequantised
+whole. Both land in per-thread scratch memory that is reused between calls.
+
+Dequantising. Eager PyTorch converts float8 to other dtypes one element at a time
+(about 4 ns an element), so :func:`_dequantise` uses integer ops instead: each
+FP8 byte ``s eeee mmm``, sign-extended to 16 bits, shifted left by 4 and masked to
+bit 15 and bits 10..4, is the bf16 bit pattern of ``x * 2^-120`` exactly (the
+exponent biases differ by 120; FP8 subnormals land on bf16 subnormals). One bf16
+multiply by ``scale * 2^120`` then gives ``x * scale``. That factor is rounded to
+bf16 and the product once more, so an operand carries a relative error of at most
+2^-7 (bf16 rounds to 2^-8), well below FP8's own 2^-4. Scales of 2^7 or more
+would overflow the factor: such an operand's scales are divided by a power of two
+first and the output is multiplied back (exact).
+
+Limits: FP8 NaN (``0x7f``, ``0xff``) reads as ±480·scale, not NaN; a float32
+output receives each product tile rounded to bf16 before ``c`` is added.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
+from dsinfra.fp8 import GROUP
+
+_TILE_ELEMENTS = 1 << 23  # RHS elements dequantised at a time: 16 MiB of bf16
+_BIAS_EXPONENT = 120  # the shifted bits of x read as the bf16 of x * 2^-120
+_SIGN_AND_LOW_EXPONENT = -30736  # int16 0x87f0: bit 15 (sign) and bits 10..4 (eeee mmm)
+_LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16
+_scratch = threading.local()  # per thread: the dequantised operands' memory, kept between calls
+
+
+def _factors(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(bf16 ``scales * 2^(120 - e)``, e): the multipliers :func:`_dequantise` needs,
+    with e = 0 unless a scale reaches 2^7, where the multipliers would overflow bf16
+    (the output is then multiplied by 2^e)."""
+    exponent = 0
+    if scales.numel():
+        smallest, largest = scales.aminmax()
+        largest = max(-float(smallest), float(largest))
+        if math.isfinite(largest):
+            exponent = max(0, math.frexp(largest)[1] - _LARGEST_SCALE_EXPONENT)
+    return (scales * 2.0 ** (_BIAS_EXPONENT - exponent)).to(torch.bfloat16), exponent
+
+
+def _buffer(purpose: str, rows: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """An int16 ``[rows, align(k, 128)]`` buffer laid out like ``like`` (row- or
+    column-major), zero past column k. Its memory is this thread's scratch for
+    ``purpose``, reused across calls: fresh pages cost more to fault in (about
+    0.25 ns a byte here) than the dequantisation that fills them."""
+    width = align(k, GROUP)
+    scratch = getattr(_scratch, purpose, None)
+    if scratch is None or scratch.numel() < rows * width:
+        scratch = torch.empty(rows * width, dtype=torch.int16)
+        setattr(_scratch, purpose, scratch)
+    if like.stride(0) == 1 and like.stride(1) != 1:
+        buffer = scratch[: rows * width].view(width, rows).T
+    else:
+        buffer = scratch[: rows * width].view(rows, width)
+    if width > k:
+        buffer[:, k:].zero_()
+    return buffer
+
+
+def _dequantise(x: torch.Tensor, factors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """x: [r, k] float8_e4m3fn, factors: [r, ceil(k/128)] from :func:`_factors`,
+    buffer: [r, align(k, 128)] int16 from :func:`_buffer` -> the buffer as bf16,
+    holding ``x * scales`` (zero past column k)."""
+    buffer[:, : x.shape[1]].copy_(x.view(torch.int8))  # sign-extends each byte
+    buffer.mul_(16).bitwise_and_(_SIGN_AND_LOW_EXPONENT)  # bf16 bits of x * 2^-120
+    values = buffer.view(torch.bfloat16)
+    values.unflatten(1, (-1, GROUP)).mul_(factors.unsqueeze(-1))
+    return values
+
+
+def fp8_gemm_nt(a, sa, b, sb, d, c) -> None:
+    """d = c + (a * sa) @ (b * sb).T; see :func:`dsinfra.deep_gemm.fp8_gemm_nt`."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0:
+        return
+    lhs_factors, lhs_exponent = _factors(sa)
+    lhs = _dequantise(a, lhs_factors, _buffer("lhs", m, k, a))
+    rhs_factors, rhs_exponent = _factors(sb)
+    rows_per_scale = rhs_rows_per_scale(sb, n)
+    if rows_per_scale > 1:
+        rhs_factors = rhs_factors.repeat_interleave(rows_per_scale, dim=0)  # one row of factors per RHS row
+    output_factor = 2.0 ** (lhs_exponent + rhs_exponent)
+    direct = c is None and output_factor == 1 and d.dtype == torch.bfloat16
+    tile = max(GROUP, _TILE_ELEMENTS // align(k, GROUP) // GROUP * GROUP)
+    buffer = _buffer("rhs", min(tile, n), k, b)
+    for start in range(0, n, tile):
+        stop = min(start + tile, n)
+        rhs = _dequantise(b[start:stop], rhs_factors[start:stop], buffer[: stop - start])
+        if direct:
+            torch.matmul(lhs, rhs.T, out=d[:, start:stop])
+            continue
+        product = lhs @ rhs.T
+        if output_factor != 1:
+            product.mul_(output_factor)
+        if c is not None:
+            torch.add(c[:, start:stop], product, out=d[:, start:stop])
+        else:
+            d[:, start:stop].copy_(product)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, d, m_indices) -> None:
+    """One dense GEMM per run of equal ``m_indices`` (runs of -1 skipped)."""
+    groups, counts = torch.unique_consecutive(m_indices, return_counts=True)
+    start = 0
+    for group, count in zip(groups.tolist(), counts.tolist()):
+        if group >= 0:
+            fp8_gemm_nt(a[start : start + count], sa[start : start + count], b[group], sb[group], d[start : start + count], None)
+        start += count
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, d, masked_m, expected_m) -> None:
+    """One dense GEMM per group over its first ``masked_m[g]`` rows."""
+    for group, rows in enumerate(masked_m.tolist()):
+        fp8_gemm_nt(a[group, :rows], sa[group, :rows], b[group], sb[group], d[group, :rows], None)
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
+    """One dense GEMM per group over its run of ``ks[g]`` rows of ``a`` and ``b``."""
+    start = scale_start = 0
+    for group, k in enumerate(ks):
+        scale_stop = scale_start + ceil_div(k, GROUP)
+        if k > 0:
+            lhs, lhs_scales = a[start : start + k].T, sa[scale_start:scale_stop].T
+            rhs, rhs_scales = b[start : start + k].T, sb[scale_start:scale_stop].T
+            fp8_gemm_nt(lhs, lhs_scales, rhs, rhs_scales, d[group], None if c is None else c[group])
+        elif c is not None:
+            d[group].copy_(c[group])
+        else:
+            d[group].zero_()
+        start, scale_start = start + k, scale_stop

@@ -1,0 +1,95 @@
+"""Utilities under DeepGEMM's names: integer helpers, the SM count kernels may
+use, the contiguous layout's alignment, and the TMA-aligned scale layout.
+
+Scale layouts. An LHS scaling tensor ``[m, ceil(k/128)]`` may come row-major
+(as :func:`dsinfra.fp8.per_token_cast_to_fp8` returns it) or column-major with
+``m`` padded to 16 bytes (as :func:`get_col_major_tma_aligned_tensor` makes it,
+the layout DeepGEMM's TMA loads need). Every implementation here reads scales
+through their strides, so both serve; the column-major form costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsinfra import backend
+from dsinfra.fp8 import GROUP
+from dsinfra.validation import check_positive, check_tensor
+
+_TMA_ALIGNMENT_BYTES = 16
+_num_sms: int | None = None
+
+
+def ceil_div(x: int, y: int) -> int:
+    """Ceiling division of two integers."""
+    return (x + y - 1) // y
+
+
+def align(x: int, y: int) -> int:
+    """``x`` rounded up to a multiple of ``y``."""
+    return ceil_div(x, y) * y
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_num_sms(num_sms: int) -> None:
+    """Cap the number of SMs (persistent Triton programs) the GEMM kernels use.
+
+    num_sms: at least 1 and at most what the default device has
+        (:func:`dsinfra.backend.num_parallel_units`: SMs on a GPU, threads on the CPU).
+    """
+    global _num_sms
+    available = backend.num_parallel_units(_default_device())
+    check_positive("num_sms", num_sms)
+    if num_sms > available:
+        raise ValueError(f"num_sms must be <= {available} (what {_default_device()} has); got {num_sms}")
+    _num_sms = num_sms
+
+
+def get_num_sms() -> int:
+    """The SM cap set by :func:`set_num_sms`, by default all the default device has."""
+    return _num_sms if _num_sms is not None else backend.num_parallel_units(_default_device())
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each group's segment in the contiguous grouped layout: 128.
+
+    Every aligned block of 128 rows of ``lhs`` belongs to one group (rows marked
+    -1 aside), so a 128-row tile multiplies one ``rhs`` matrix.
+    """
+    return GROUP
+
+
+def get_tma_aligned_size(x: int, element_size: int) -> int:
+    """``x`` elements of ``element_size`` bytes, rounded up to a multiple of 16 bytes
+    (TMA's global-memory alignment): the padded M of a column-major scale tensor."""
+    check_positive("x", x, allow_zero=True)
+    check_positive("element_size", element_size)
+    if _TMA_ALIGNMENT_BYTES % element_size:
+        raise ValueError(f"element_size must divide {_TMA_ALIGNMENT_BYTES}; got {element_size}")
+    return align(x, _TMA_ALIGNMENT_BYTES // element_size)
+
+
+def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
+    """x: [m, k] or [num_groups, m, k] scales -> the same values, column-major, with
+    ``m`` padded to 16 bytes (strides ``(1, aligned_m)``, or
+    ``(aligned_m * k, 1, aligned_m)`` for 3-D). Returned as is if already so."""
+    check_tensor("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have 2 or 3 dimensions; got shape {list(x.shape)}")
+    batched = x if x.dim() == 3 else x.unsqueeze(0)
+    groups, m, k = batched.shape
+    aligned_m = get_tma_aligned_size(m, x.element_size())
+    if batched.stride(1) == 1 and batched.stride(2) == aligned_m and (groups == 1 or batched.stride(0) == aligned_m * k):
+        return x
+    aligned = torch.empty(groups, k, aligned_m, dtype=x.dtype, device=x.device).transpose(1, 2)[:, :m]
+    aligned.copy_(batched)
+    return aligned if x.dim() == 3 else aligned.squeeze(0)
+
+
+def rhs_rows_per_scale(rhs_scales: torch.Tensor, n: int) -> int:
+    """How many rows of an ``[n, k]`` RHS share a scale row: 128 for 128x128 block
+    scales ``[ceil(n/128), ...]``, 1 for 1x128 scales ``[n, ...]`` (n = 1 reads alike)."""
+    return 1 if rhs_scales.shape[-2] == n else GROUP
