@@ -1,5 +1,6 @@
 """The parallel run's first step equals one process running the same model on
-the whole batch: loss and every parameter's gradient (the issue's check)."""
+the whole batch: loss and every parameter's gradient (the issue's check), on a
+pipeline x expert-parallel grid, with FP8 experts and without."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from dsinfra.models import ModelArgs
-from dsinfra.models.training import TrainConfig, Trainer, build_model, reference_loss
+from dsinfra.models.training import TrainConfig, Trainer, build_model, is_expert_parameter, reference_loss
 from dsinfra.testing import calc_diff, spawn
 
 ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
@@ -30,9 +31,9 @@ def _reference(config):
     return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("pp, ep", [(2, 2), (1, 2), (2, 1)])
-def test_first_step_equals_one_process(pp, ep):
-    config = TrainConfig(args=ARGS, pp=pp, ep=ep, batch_size=16, sort_length=5, num_chunks=4, fp8=False)
+@pytest.mark.parametrize("pp, ep, fp8", [(2, 2, True), (1, 2, False), (2, 1, False)])
+def test_first_step_equals_one_process(pp, ep, fp8):
+    config = TrainConfig(args=ARGS, pp=pp, ep=ep, batch_size=16, sort_length=5, num_chunks=4, fp8=fp8)
     results = spawn(_first_step, config.world_size, config, timeout=120)
     expected_loss, expected = _reference(config)
     losses = [loss for loss, _, _ in results if loss is not None]
@@ -49,4 +50,8 @@ def test_first_step_equals_one_process(pp, ep):
         if grad is None:  # an expert no token chose
             assert name not in seen or not seen[name].any(), name
             continue
-        assert calc_diff(seen[name], grad) < 1e-10, name
+        # With FP8 experts, an expert's weight gradient quantises its tokens in
+        # groups of 128 along the token axis (DeepSeek-V3's recipe), and expert
+        # parallelism receives them in another order: equal to FP8's precision.
+        bound = 3e-3 if fp8 and is_expert_parameter(name) else 1e-10
+        assert calc_diff(seen[name], grad) < bound, name
