@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dsinfra.models.serving import full_attention_logits, generate, serve_expert_parallel
-from dsinfra.models.training import TrainConfig, Trainer, build_model
+from dsinfra.models.training import TrainConfig, Trainer, build_model, global_state
 from dsinfra.testing import calc_diff
 
 
@@ -34,6 +34,7 @@ class DemoOptions:
     train: TrainConfig
     out: str
     redundant_experts: int = 4  # EPLB's extra slots (replicas) per MoE layer
+    load_window: int = 50  # EPLB plans from the expert loads of the last this many steps
     requests_per_rank: int = 6
     new_tokens: int = 12
     trace_step: int = 2  # the training step traced with torch.profiler
@@ -52,13 +53,13 @@ def run_rank(rank: int, world_size: int, group, options: DemoOptions) -> dict | 
     from dsinfra.eplb import ExpertLoadRecorder
 
     num_moe_layers = config.args.n_layers - config.args.n_dense_layers
-    recorder = ExpertLoadRecorder(num_moe_layers, config.args.n_routed_experts)
+    recorder = ExpertLoadRecorder(num_moe_layers, config.args.n_routed_experts, window=options.load_window)
     trainer = Trainer(config, rank, recorder=recorder)
     losses, step_seconds = _train(trainer, recorder, options, rank)
     # everything the later phases need, on every rank
-    parameters = {name: p.detach().cpu() for name, p in trainer.parameters.items()}
+    mine = global_state(trainer.stages, trainer.model, config, trainer.grid)
     state = {}
-    for shard in _gather(parameters):
+    for shard in _gather({name: t.detach().cpu() for name, t in mine.items()}):
         state.update(shard)
     loads = recorder.weight()  # summed over all ranks: the whole batch's routing
     executed = _gather([(i.op, i.start, i.end) for i in trainer.pipe.executed]) if trainer.pipe.executed else None

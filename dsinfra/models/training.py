@@ -140,14 +140,21 @@ _LOCAL_EXPERT = re.compile(r"(\.ffn\.experts\.experts\.)(\d+)\.")
 def global_parameters(stages: list[Stage], model: Transformer, config: TrainConfig, grid: Grid) -> dict[str, torch.Tensor]:
     """This rank's parameters under their names in the whole model (local
     expert ``j`` is expert ``ep_rank * experts_per_rank + j``)."""
-    names = {id(p): name for name, p in model.named_parameters()}
+    named = dict(model.named_parameters())
+    return _under_global_names([p for stage in stages for p in stage.parameters()], named, config, grid)
+
+
+def global_state(stages: list[Stage], model: Transformer, config: TrainConfig, grid: Grid) -> dict[str, torch.Tensor]:
+    """Like :func:`global_parameters`, with the persistent buffers (the gates'
+    balancing biases): this rank's part of the model's ``state_dict``."""
+    named = model.state_dict(keep_vars=True)
+    return _under_global_names([t for stage in stages for t in stage.state_dict(keep_vars=True).values()], named, config, grid)
+
+
+def _under_global_names(tensors, named: dict[str, torch.Tensor], config: TrainConfig, grid: Grid) -> dict[str, torch.Tensor]:
+    names = {id(t): name for name, t in named.items()}
     offset = grid.ep_rank * (config.args.n_routed_experts // config.ep) if config.ep > 1 else 0
-    found = {}
-    for stage in stages:
-        for p in stage.parameters():
-            name = _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}.", names[id(p)])
-            found[name] = p
-    return found
+    return {_LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}.", names[id(t)]): t for t in tensors}
 
 
 def is_expert_parameter(name: str) -> bool:
