@@ -91,5 +91,13 @@ def dequantize_k_cache(
     Returns [..., head_dim] in ``dtype``: the NoPE channels as ``fp8 * scale``
     rounded to ``dtype``, then the RoPE channels.
     """
+    check_fp8_dims(head_dim, head_dim_v)
+    check_tensor("k_cache", k_cache, dtype=(torch.float8_e4m3fn, torch.uint8))
+    expected = bytes_per_token(head_dim, head_dim_v)
+    if k_cache.dim() == 0 or k_cache.shape[-1] != expected:
+        raise ValueError(
+            f"k_cache must hold {expected} bytes per token for head_dim {head_dim} and head_dim_v {head_dim_v}; "
+            f"got shape {list(k_cache.shape)}"
+        )
     nope, scales, rope = split_fp8_cache(k_cache, head_dim, head_dim_v)
     return torch.cat([per_token_cast_back(nope, scales, dtype), rope.to(dtype)], dim=-1)
