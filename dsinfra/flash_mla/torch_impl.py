@@ -95,20 +95,15 @@ def flash_mla_with_kvcache(
     """Arguments as :func:`dsinfra.flash_mla.flash_mla_with_kvcache`, already
     checked, with ``softmax_scale`` a float. The split plan is not needed here."""
     batch, seq_len_q, num_heads_q, head_dim = q.shape
-    _, page_block_size, num_heads_k, entry = k_cache.shape
-    device = q.device
+    num_heads_k, entry = k_cache.shape[2], k_cache.shape[3]
     if indices is None:
         sequences, queries_per_sequence = batch, seq_len_q
         lengths = cache_seqlens.tolist()
-        seqlens = cache_seqlens.long()
     else:
         sequences, queries_per_sequence = batch * seq_len_q, 1
-        topk = indices.shape[2]
-        lengths = [topk] * sequences
-        slot_lists = indices.view(sequences, topk)
+        lengths = [indices.shape[2]] * sequences
     heads_per_k = num_heads_q // num_heads_k
-    rows = queries_per_sequence * heads_per_k  # query rows per (sequence, KV head)
-    # [sequences, num_heads_k, rows, head_dim], rows ordered (query position, head)
+    rows = queries_per_sequence * heads_per_k  # query rows per (sequence, KV head), ordered (query position, head)
     queries = (
         q.reshape(sequences, queries_per_sequence, num_heads_k, heads_per_k, head_dim)
         .transpose(1, 2)
@@ -118,64 +113,99 @@ def flash_mla_with_kvcache(
     slots = k_cache.view(-1, num_heads_k * entry)  # one row per cache slot
     wave_tokens = max(1, min(MAX_WAVE_TOKENS, WAVE_SCORES // (num_heads_k * rows)))
     waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens)
-    piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=device)
-    piece_start = torch.tensor(piece_start, dtype=torch.long, device=device)
-    piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=torch.float32, device=device)
-    piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=device)
-    query_position = torch.arange(queries_per_sequence, device=device)
+    piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)
+    piece_start = torch.tensor(piece_start, dtype=torch.long, device=q.device)
+    # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
+    piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=q.dtype, device=q.device)
+    piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=q.device)
 
     with matmul_precision(q.dtype):
         for first, end, padded in waves:
             wave = slice(first, end)
-            count = end - first
-            sequence = piece_sequence[wave]
-            position = piece_start[wave, None] + torch.arange(padded, device=device)  # [count, padded]
-            if indices is None:
-                length = seqlens[sequence, None]
-                valid = position < length
-                blocks = block_table[sequence[:, None], torch.where(valid, position // page_block_size, 0)]
-                slot = blocks.long() * page_block_size + position % page_block_size
-                visible = valid[:, None, :]  # [count, 1 or queries_per_sequence, padded]
-                if causal and queries_per_sequence > 1:
-                    visible = visible & (position[:, None, :] <= (length - queries_per_sequence + query_position)[:, :, None])
-            else:
-                in_range = position < topk
-                slot = slot_lists[sequence[:, None], position.clamp(max=topk - 1)].long()
-                valid = in_range & (slot >= 0)
-                visible = valid[:, None, :]
-            slot = torch.where(valid, slot, 0)
-
-            gathered = slots.index_select(0, slot.flatten()).view(count * padded, num_heads_k, entry)
+            slot, visible = wave_slots(
+                piece_sequence[wave], piece_start[wave], padded, queries_per_sequence,
+                block_table, cache_seqlens, k_cache.shape[1], causal, indices,
+            )
+            gathered = slots.index_select(0, slot.flatten()).view(-1, num_heads_k, entry)
             if is_fp8_kvcache:
                 gathered = dequantize_k_cache(gathered, head_dim, head_dim_v, q.dtype)
-            if not bool(valid.all()):
-                gathered.index_fill_(0, (~valid).flatten().nonzero().squeeze(1), 0)
-            # [count * num_heads_k, padded, head_dim] in float32, exact
-            keys = torch.empty(count, num_heads_k, padded, head_dim, dtype=torch.float32, device=device)
-            keys.copy_(gathered.view(count, padded, num_heads_k, head_dim).transpose(1, 2))
-            keys = keys.view(count * num_heads_k, padded, head_dim)
+            unused = ~visible.any(dim=1).flatten()
+            if bool(unused.any()):  # padding and -1 slots: zeros, so 0 * NaN never happens
+                gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
+            keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(-1, padded, head_dim)
+            attend(
+                queries.index_select(0, piece_sequence[wave]).flatten(0, 1), keys, visible, softmax_scale,
+                piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
+            )
 
-            scores = torch.bmm(queries.index_select(0, sequence).view(count * num_heads_k, rows, head_dim), keys.transpose(1, 2))
-            if not bool(visible.all()):
-                scores.view(count, num_heads_k, queries_per_sequence, heads_per_k, padded).masked_fill_(
-                    ~visible[:, None, :, None, :], float("-inf")
-                )
-            row_max = scores.amax(dim=-1, keepdim=True)
-            row_max.masked_fill_(row_max == float("-inf"), 0.0)  # rows that see nothing: exp(-inf - 0) = 0
-            probs = scores.sub_(row_max).mul_(softmax_scale).exp_()
-            row_sum = probs.sum(dim=-1)
-            out = piece_out[wave].view(count * num_heads_k, rows, head_dim)
-            torch.bmm(probs, keys, out=out)  # all head_dim columns: keys stays one contiguous operand
-            out.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-            piece_lse[wave] = (row_max.squeeze(-1) * softmax_scale + row_sum.log()).view(count, num_heads_k, rows)
-
-    out, lse = merge_pieces(piece_out[..., :head_dim_v], piece_lse, piece_sequence, sequences)
+    if len(piece_sequence) == len(set(piece_sequence.tolist())):  # no sequence was cut: nothing to merge
+        out = piece_out.new_zeros(sequences, num_heads_k, rows, head_dim_v).index_copy_(0, piece_sequence, piece_out[..., :head_dim_v])
+        lse = piece_lse.new_full((sequences, num_heads_k, rows), float("-inf")).index_copy_(0, piece_sequence, piece_lse)
+    else:
+        out, lse = merge_pieces(piece_out[..., :head_dim_v].float(), piece_lse, piece_sequence, sequences)
+    lse.masked_fill_(lse == float("-inf"), float("inf"))  # upstream's value for queries that see nothing
     out = out.view(sequences, num_heads_k, queries_per_sequence, heads_per_k, head_dim_v).transpose(1, 2)
     lse = lse.view(sequences, num_heads_k, queries_per_sequence, heads_per_k).transpose(1, 2)
     return (
         out.reshape(batch, seq_len_q, num_heads_q, head_dim_v).to(q.dtype),
         lse.reshape(batch, seq_len_q, num_heads_q).transpose(1, 2).contiguous(),
     )
+
+
+def wave_slots(
+    sequence: torch.Tensor, start: torch.Tensor, padded: int, queries_per_sequence: int,
+    block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, page_block_size: int,
+    causal: bool, indices: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache slots of a wave's pieces and which query sees which of them.
+
+    sequence, start: [pieces] int64, each piece's sequence and first token.
+    Returns (slot [pieces, padded] int64, 0 where there is no token;
+    visible [pieces, 1 or queries_per_sequence, padded] bool).
+    """
+    position = start[:, None] + torch.arange(padded, device=start.device)  # [pieces, padded]
+    if indices is not None:
+        topk = indices.shape[2]
+        slot = indices.view(-1, topk)[sequence[:, None], position.clamp(max=topk - 1)].long()
+        valid = (position < topk) & (slot >= 0)
+        return torch.where(valid, slot, 0), valid[:, None, :]
+    length = cache_seqlens[sequence].long()[:, None]
+    valid = position < length
+    blocks = block_table[sequence[:, None], torch.where(valid, position // page_block_size, 0)]
+    slot = torch.where(valid, blocks.long() * page_block_size + position % page_block_size, 0)
+    visible = valid[:, None, :]
+    if causal and queries_per_sequence > 1:  # query i sees tokens 0 .. length - queries_per_sequence + i
+        last = length - queries_per_sequence + torch.arange(queries_per_sequence, device=start.device)
+        visible = visible & (position[:, None, :] <= last[:, :, None])
+    return slot, visible
+
+
+def attend(
+    queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, softmax_scale: float,
+    out: torch.Tensor, lse: torch.Tensor,
+) -> None:
+    """Attention of each piece's query rows over its keys, V being the keys' first channels.
+
+    queries: [count * num_heads_k, rows, head_dim] float32, rows ordered (query position, head);
+    keys: [count * num_heads_k, padded, head_dim] in q's dtype, zero where no query sees them;
+    visible: [count, 1 or queries_per_sequence, padded] bool.
+    Writes out [count * num_heads_k, rows, head_dim] in keys' dtype (normalised over the
+    piece) and lse [count * num_heads_k, rows] float32 (-inf for rows that see nothing).
+    """
+    # scores * softmax_scale, scaled in float32 by the matmul (beta=0: the input is ignored)
+    scores = torch.baddbmm(queries.new_empty(1, 1, 1), queries, keys.float().transpose(1, 2), beta=0, alpha=softmax_scale)
+    if not bool(visible.all()):
+        count, queries_per_sequence, padded = visible.shape
+        scores.view(count, -1, queries_per_sequence, scores.shape[1] // queries_per_sequence, padded).masked_fill_(
+            ~visible[:, None, :, None, :], float("-inf")
+        )
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(row_max == float("-inf"), 0.0)  # rows that see nothing: exp(-inf - 0) = 0
+    probs = scores.sub_(row_max).exp_()
+    row_sum = probs.sum(dim=-1)
+    probs.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+    torch.bmm(probs.to(keys.dtype), keys, out=out)  # all head_dim channels: keys stays one contiguous operand
+    torch.add(row_max.squeeze(-1), row_sum.log(), out=lse)
 
 
 def merge_pieces(
@@ -186,7 +216,7 @@ def merge_pieces(
     piece_out: [pieces, ..., head_dim_v] float32, each normalised over its own keys;
     piece_lse: [pieces, ...] float32 (-inf for a piece a row saw nothing of);
     piece_sequence: [pieces] int64. Returns (out [sequences, ..., head_dim_v],
-    lse [sequences, ...]), with out = 0 and lse = +inf where a row saw nothing.
+    lse [sequences, ...]) float32, with out = 0 and lse = -inf where a row saw nothing.
     """
     shape = (sequences, *piece_lse.shape[1:])
     index = piece_sequence.view(-1, *[1] * (piece_lse.dim() - 1)).expand_as(piece_lse)
@@ -197,5 +227,4 @@ def merge_pieces(
     out = torch.zeros(*shape, piece_out.shape[-1], device=piece_out.device)
     out.index_add_(0, piece_sequence, piece_out * weight[..., None])
     out.div_(total.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-    lse = (lse_max + total.log()).masked_fill_(total == 0, float("inf"))
-    return out, lse
+    return out, lse_max + total.log()
