@@ -248,6 +248,7 @@ def flash_mla_with_kvcache(
     block_m = 32 if dv_pad >= 512 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(rows_per_head_k)))
     num_warps = 8 if dv_pad >= 512 else 4
+    num_stages = 1 if dv_pad >= 512 else 2  # a [64, 512] bf16 V tile per stage: keep shared memory in bounds
     row_blocks = triton.cdiv(rows_per_head_k, block_m)
     _split_kernel[(num_rows, num_heads_k, row_blocks)](
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -259,7 +260,7 @@ def flash_mla_with_kvcache(
         softmax_scale * math.log2(math.e), seq_len_q, num_heads_q // num_heads_k, rows_per_head_k, sequences_per_batch,
         PAGE=page_block_size, SPARSE=sparse, CAUSAL=causal and seq_len_q > 1, FP8=is_fp8_kvcache, GROUP_SIZE=GROUP,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
     )
     _combine_kernel[(sequences, num_heads_k, row_blocks)](
         part_out, part_lse, num_splits,
