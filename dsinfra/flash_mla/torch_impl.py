@@ -36,7 +36,7 @@ from dsinfra.flash_mla.fp8_cache import dequantize_k_cache
 
 WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB): the softmax of a wave works in cache
 MAX_WAVE_TOKENS = 4096  # keys per wave: its buffers stay under glibc's mmap threshold (32 MiB at most), so they are not page-faulted afresh on every call
-MIN_FILL = 0.75  # a piece joins a wave only if it fills this much of the wave's padded length
+MAX_PADDING = (0.25, 256)  # a piece joins a wave if padding it wastes at most 25 % or 256 keys (a wave costs ~0.3 ms)
 
 
 @contextlib.contextmanager
@@ -72,7 +72,8 @@ def plan_waves(lengths: list[int], wave_tokens: int) -> tuple[list[tuple[int, in
     while first < len(pieces):
         padded = pieces[first][0]
         end = first + 1
-        while end < len(pieces) and (end - first + 1) * padded <= wave_tokens and pieces[end][0] >= MIN_FILL * padded:
+        allowed_padding = max(MAX_PADDING[0] * padded, MAX_PADDING[1])
+        while end < len(pieces) and (end - first + 1) * padded <= wave_tokens and padded - pieces[end][0] <= allowed_padding:
             end += 1
         waves.append((first, end, padded))
         first = end
