@@ -110,7 +110,10 @@ def _check_arguments(
     if min(num_blocks, page_block_size, num_heads_k) == 0:
         raise ValueError(f"k_cache must have no empty dimension; got shape {list(k_cache.shape)}")
     if num_heads_q % num_heads_k:
-        raise ValueError(f"num_heads_q ({num_heads_q}, q's dimension 2) must be a multiple of num_heads_k ({num_heads_k}, k_cache's dimension 2)")
+        raise ValueError(
+            f"num_heads_q ({num_heads_q}, q's dimension 2) must be a multiple of "
+            f"num_heads_k ({num_heads_k}, k_cache's dimension 2)"
+        )
     check_range_here = backend.range_checks_enabled(device)
 
     if indices is None:

@@ -5,10 +5,10 @@ MLA decoding is a few large matmuls once the keys of a sequence are gathered:
 all query rows that share a KV head (seq_len_q x 128 heads for DeepSeek-V3)
 multiply the same keys. So:
 
-1. Every sequence is cut into pieces of at most ``wave_tokens`` keys; pieces of
-   similar lengths are grouped into waves, each padded to its longest piece and
-   small enough that its float32 scores stay in cache. A "sequence" is a batch
-   entry, or for sparse attention a (batch entry, query position) pair.
+1. Every sequence is cut into pieces of at most ``MAX_WAVE_TOKENS`` keys, and
+   pieces of similar lengths are grouped into waves, each padded to its longest
+   piece and small enough to work in cache. A "sequence" is a batch entry, or
+   for sparse attention a (batch entry, query position) pair.
 2. Per wave: the keys of all pieces are gathered at once (``index_select`` of
    slots; padding and -1 slots are zeroed, so NaN in unused slots is never
    multiplied), then one batched matmul gives the scores of every query row,
@@ -16,13 +16,14 @@ multiply the same keys. So:
    float32; one batched matmul multiplies the probabilities by V.
 3. The pieces of each sequence are merged by their log-sum-exp.
 
-Precision: bf16 keys and queries are exact in float32, and the matmuls run in
-oneDNN's bf16 mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``):
-bf16 products on AMX, float32 accumulation and float32 scores. (A bf16 matmul
-would round the scores to bf16, which moves peaked softmaxes by ~1e-4 in
-cos-diff.) The probabilities are rounded to bf16 inside the PV matmul, as
-FlashMLA rounds them. fp16 inputs run exact float32 matmuls instead, since the
-bf16 mode would round fp16 values.
+Precision: the QKᵀ matmul takes float32 copies of the bf16 keys and queries
+(exact) and runs in oneDNN's bf16 mode (``torch.backends.mkldnn.matmul.
+fp32_precision = "bf16"``, set for the call only): bf16 products on AMX, float32
+accumulation, float32 scores. A bf16 matmul would round the scores to bf16,
+which moves peaked softmaxes by ~1e-4 in cos-diff and the lse by ~1e-2. The
+normalised probabilities are rounded to bf16 for the PV matmul, as FlashMLA
+rounds them, and its bf16 output is the result. fp16 inputs get exact float32
+scores instead (the bf16 mode would round fp16 values).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import torch
 
 from dsinfra.flash_mla.fp8_cache import dequantize_k_cache
 
-WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB): the softmax of a wave works in cache
-MAX_WAVE_TOKENS = 4096  # keys per wave: its buffers stay under glibc's mmap threshold (32 MiB at most), so they are not page-faulted afresh on every call
-MAX_PADDING = (0.25, 256)  # a piece joins a wave if padding it wastes at most 25 % or 256 keys (a wave costs ~0.3 ms)
+WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB), so that a wave's softmax works in cache
+MAX_WAVE_TOKENS = 4096  # keys per wave; bigger buffers pass glibc's mmap threshold and get page-faulted on every call
+MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 % or 256 keys (a wave costs ~0.3 ms)
 
 
 @contextlib.contextmanager
@@ -139,9 +140,11 @@ def flash_mla_with_kvcache(
                 piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
             )
 
-    if len(piece_sequence) == len(set(piece_sequence.tolist())):  # no sequence was cut: nothing to merge
-        out = piece_out.new_zeros(sequences, num_heads_k, rows, head_dim_v).index_copy_(0, piece_sequence, piece_out[..., :head_dim_v])
-        lse = piece_lse.new_full((sequences, num_heads_k, rows), float("-inf")).index_copy_(0, piece_sequence, piece_lse)
+    if max(lengths) <= wave_tokens:  # one piece per sequence at most: nothing to merge
+        out = piece_out.new_zeros(sequences, num_heads_k, rows, head_dim_v)
+        out.index_copy_(0, piece_sequence, piece_out[..., :head_dim_v])
+        lse = piece_lse.new_full((sequences, num_heads_k, rows), float("-inf"))
+        lse.index_copy_(0, piece_sequence, piece_lse)
     else:
         out, lse = merge_pieces(piece_out[..., :head_dim_v].float(), piece_lse, piece_sequence, sequences)
     lse.masked_fill_(lse == float("-inf"), float("inf"))  # upstream's value for queries that see nothing

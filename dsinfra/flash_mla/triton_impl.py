@@ -229,7 +229,8 @@ def flash_mla_with_kvcache(
     else:
         block_table = block_table.contiguous()
     # A "sequence" is a batch entry, or (sparse) a (batch entry, query position) pair.
-    sequences_per_batch, rows_per_head_k = (seq_len_q, num_heads_q // num_heads_k) if sparse else (1, seq_len_q * num_heads_q // num_heads_k)
+    heads_per_k = num_heads_q // num_heads_k
+    sequences_per_batch, rows_per_head_k = (seq_len_q, heads_per_k) if sparse else (1, seq_len_q * heads_per_k)
     sequences = batch * sequences_per_batch
     if is_fp8_kvcache:
         nope, scales, rope = split_fp8_cache(k_cache, head_dim, head_dim_v)
@@ -257,7 +258,7 @@ def flash_mla_with_kvcache(
         block_table if not sparse else dummy, block_table.stride(0) if not sparse else 0,
         cache_seqlens if not sparse else dummy, indices if sparse else dummy, indices.shape[2] if sparse else 0,
         tile_scheduler_metadata, part_out, part_lse,
-        softmax_scale * math.log2(math.e), seq_len_q, num_heads_q // num_heads_k, rows_per_head_k, sequences_per_batch,
+        softmax_scale * math.log2(math.e), seq_len_q, heads_per_k, rows_per_head_k, sequences_per_batch,
         PAGE=page_block_size, SPARSE=sparse, CAUSAL=causal and seq_len_q > 1, FP8=is_fp8_kvcache, GROUP_SIZE=GROUP,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
@@ -265,7 +266,7 @@ def flash_mla_with_kvcache(
     _combine_kernel[(sequences, num_heads_k, row_blocks)](
         part_out, part_lse, num_splits,
         out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), lse.stride(2),
-        num_heads_q // num_heads_k, rows_per_head_k, sequences_per_batch,
+        heads_per_k, rows_per_head_k, sequences_per_batch,
         HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad, BLOCK_M=block_m, num_warps=num_warps,
     )
     return out, lse
