@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsinfra import flash_mla
 from dsinfra.flash_mla import metadata, reference
@@ -13,6 +15,9 @@ from dsinfra.testing import calc_diff, seq_lengths
 from .inputs import paged_inputs, sparse_indices
 
 BOUND = 1e-5
+# On a handful of output values the bf16 rounding of the probabilities (FlashMLA
+# rounds them too) does not average out: tiny random problems get a looser bound.
+SMALL_PROBLEM_BOUND = 5e-5
 
 
 def plan_for(inputs, *, topk=None, parts=None):
@@ -33,7 +38,7 @@ def moved(inputs, device):
     return inputs
 
 
-def check_against_reference(inputs, *, causal=False, indices=None, fp8=False, parts=None, plan=None):
+def check_against_reference(inputs, *, causal=False, indices=None, fp8=False, parts=None, plan=None, bound=BOUND):
     k_cache = flash_mla.quantize_k_cache(inputs.k_cache, inputs.head_dim_v) if fp8 else inputs.k_cache
     topk = None if indices is None else indices.shape[-1]
     plan = plan_for(inputs, topk=topk, parts=parts) if plan is None else plan
@@ -50,8 +55,8 @@ def check_against_reference(inputs, *, causal=False, indices=None, fp8=False, pa
     empty = expected_lse == math.inf
     assert torch.equal(lse == math.inf, empty), "queries that see nothing must get lse = +inf"
     assert (out.transpose(1, 2)[empty] == 0).all(), "queries that see nothing must get out = 0"
-    assert calc_diff(out.float(), expected_out.float()) < BOUND
-    assert calc_diff(lse[~empty], expected_lse[~empty]) < BOUND
+    assert calc_diff(out.float(), expected_out.float()) < bound
+    assert calc_diff(lse[~empty], expected_lse[~empty]) < bound
 
 
 # (lengths, num_heads_q, num_heads_k, seq_len_q, head_dim, head_dim_v, page_block_size, dtype, q_scale)
@@ -156,3 +161,38 @@ def test_triton_gpu_deepseek_shapes(monkeypatch, seq_len_q, num_heads_q):
 def test_torch_on_gpu(backend_torch):
     inputs = moved(paged_inputs(seq_lengths(8, 500, seed=4).tolist(), num_heads_q=128, seq_len_q=2), "cuda")
     check_against_reference(inputs, causal=True)
+
+
+@st.composite
+def small_problems(draw):
+    heads_k = draw(st.sampled_from([1, 2]))
+    head_dim_v = draw(st.sampled_from([16, 32]))
+    return dict(
+        lengths=draw(st.lists(st.integers(0, 150), min_size=1, max_size=5)),
+        num_heads_q=heads_k * draw(st.sampled_from([1, 4, 16])),
+        num_heads_k=heads_k,
+        seq_len_q=draw(st.integers(1, 3)),
+        head_dim=head_dim_v + draw(st.sampled_from([0, 8, 32])),
+        head_dim_v=head_dim_v,
+        page_block_size=draw(st.sampled_from([1, 16, 64, 61])),
+        seed=draw(st.integers(0, 1000)),
+    ), draw(st.booleans()), draw(st.sampled_from([None, 3]))
+
+
+@given(small_problems())
+def test_torch_random_problems(problem):
+    kwargs, causal, parts = problem
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSINFRA_BACKEND", "torch")
+        patch.setattr("dsinfra.flash_mla.torch_impl.MAX_WAVE_TOKENS", 64)  # pieces and merges on small problems
+        check_against_reference(paged_inputs(**kwargs), causal=causal, bound=SMALL_PROBLEM_BOUND)
+
+
+@settings(max_examples=8)
+@given(small_problems())
+def test_triton_random_problems(problem):
+    kwargs, causal, parts = problem
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSINFRA_BACKEND", "triton")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_against_reference(moved(paged_inputs(**kwargs), device), causal=causal, parts=parts, bound=SMALL_PROBLEM_BOUND)
