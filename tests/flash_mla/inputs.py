@@ -22,12 +22,12 @@ class Inputs:
 
     @property
     def slots(self) -> list[torch.Tensor]:
-        """Per sequence, the cache slots of its tokens, in order."""
-        page = self.k_cache.shape[1]
+        """Per sequence, the cache slots of its tokens, in order (on the CPU)."""
+        page, table = self.k_cache.shape[1], self.block_table.cpu()
         out = []
         for b, length in enumerate(self.cache_seqlens.tolist()):
             tokens = torch.arange(length)
-            out.append(self.block_table[b, tokens // page].long() * page + tokens % page)
+            out.append(table[b, tokens // page].long() * page + tokens % page)
         return out
 
 
@@ -72,7 +72,7 @@ def paged_inputs(
 
 
 def sparse_indices(inputs: Inputs, seq_len_q: int, topk: int, *, seed: int = 0) -> torch.Tensor:
-    """[batch, seq_len_q, topk] int32 slots of random tokens of each sequence
+    """[batch, seq_len_q, topk] int32 slots (on the CPU) of random tokens of each sequence
     (repeats allowed), about a fifth of them -1, and the last query of the
     first sequence with none at all."""
     gen = generator(seed)
