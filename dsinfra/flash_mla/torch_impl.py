@@ -29,6 +29,7 @@ scores instead (the bf16 mode would round fp16 values).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -120,24 +121,32 @@ def flash_mla_with_kvcache(
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
     piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=q.dtype, device=q.device)
     piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=q.device)
+    # Buffers every wave reuses: allocated afresh per wave, large ones cost more than the work (page faults).
+    largest = max(((end - first) * padded * num_heads_k for first, end, padded in waves), default=0)  # keys per wave
+    gather_buffer = torch.empty(largest * entry, dtype=k_cache.dtype, device=q.device)
+    keys32_buffer = torch.empty(largest * head_dim, dtype=torch.float32, device=q.device)
+    scores_buffer = torch.empty(largest * rows, dtype=torch.float32, device=q.device)
+    probs_buffer = torch.empty(largest * rows, dtype=q.dtype, device=q.device)
 
     with matmul_precision(q.dtype):
         for first, end, padded in waves:
-            wave = slice(first, end)
+            wave, pieces = slice(first, end), (end - first) * num_heads_k
             slot, visible = wave_slots(
                 piece_sequence[wave], piece_start[wave], padded, queries_per_sequence,
                 block_table, cache_seqlens, k_cache.shape[1], causal, indices,
             )
-            gathered = slots.index_select(0, slot.flatten()).view(-1, num_heads_k, entry)
+            gathered = torch.index_select(slots, 0, slot.flatten(), out=view(gather_buffer, slot.numel(), num_heads_k * entry))
+            gathered = gathered.view(-1, num_heads_k, entry)
             if is_fp8_kvcache:
                 gathered = dequantize_k_cache(gathered, head_dim, head_dim_v, q.dtype)
             unused = ~visible.any(dim=1).flatten()
             if bool(unused.any()):  # padding and -1 slots: zeros, so 0 * NaN never happens
                 gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
-            keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(-1, padded, head_dim)
+            keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(pieces, padded, head_dim)
             attend(
                 queries.index_select(0, piece_sequence[wave]).flatten(0, 1), keys, visible, softmax_scale,
-                piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
+                view(keys32_buffer, pieces, padded, head_dim), view(scores_buffer, pieces, rows, padded),
+                view(probs_buffer, pieces, rows, padded), piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
             )
 
     if max(lengths) <= wave_tokens:  # one piece per sequence at most: nothing to merge
@@ -184,20 +193,28 @@ def wave_slots(
     return slot, visible
 
 
+def view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first elements of a flat buffer, viewed as ``shape``."""
+    return buffer[: math.prod(shape)].view(shape)
+
+
 def attend(
     queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, softmax_scale: float,
-    out: torch.Tensor, lse: torch.Tensor,
+    keys32: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
 ) -> None:
     """Attention of each piece's query rows over its keys, V being the keys' first channels.
 
-    queries: [count * num_heads_k, rows, head_dim] float32, rows ordered (query position, head);
-    keys: [count * num_heads_k, padded, head_dim] in q's dtype, zero where no query sees them;
-    visible: [count, 1 or queries_per_sequence, padded] bool.
-    Writes out [count * num_heads_k, rows, head_dim] in keys' dtype (normalised over the
-    piece) and lse [count * num_heads_k, rows] float32 (-inf for rows that see nothing).
+    queries: [pieces, rows, head_dim] float32, rows ordered (query position, head), pieces
+    being count pieces times num_heads_k; keys: [pieces, padded, head_dim] in q's dtype,
+    zero where no query sees them; visible: [count, 1 or queries_per_sequence, padded] bool.
+    keys32 [pieces, padded, head_dim] float32, scores [pieces, rows, padded] float32 and
+    probs [pieces, rows, padded] in q's dtype are work space.
+    Writes out [pieces, rows, head_dim] in keys' dtype (normalised over the piece) and
+    lse [pieces, rows] float32 (-inf for rows that see nothing).
     """
+    keys32.copy_(keys)
     # scores * softmax_scale, scaled in float32 by the matmul (beta=0: the input is ignored)
-    scores = torch.baddbmm(queries.new_empty(1, 1, 1), queries, keys.float().transpose(1, 2), beta=0, alpha=softmax_scale)
+    torch.baddbmm(queries.new_empty(1, 1, 1), queries, keys32.transpose(1, 2), beta=0, alpha=softmax_scale, out=scores)
     if not bool(visible.all()):
         count, queries_per_sequence, padded = visible.shape
         scores.view(count, -1, queries_per_sequence, scores.shape[1] // queries_per_sequence, padded).masked_fill_(
@@ -205,10 +222,10 @@ def attend(
         )
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max.masked_fill_(row_max == float("-inf"), 0.0)  # rows that see nothing: exp(-inf - 0) = 0
-    probs = scores.sub_(row_max).exp_()
-    row_sum = probs.sum(dim=-1)
-    probs.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-    torch.bmm(probs.to(keys.dtype), keys, out=out)  # all head_dim channels: keys stays one contiguous operand
+    weights = scores.sub_(row_max).exp_()
+    row_sum = weights.sum(dim=-1)
+    weights.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+    torch.bmm(probs.copy_(weights), keys, out=out)  # all head_dim channels: keys stays one contiguous operand
     torch.add(row_max.squeeze(-1), row_sum.log(), out=lse)
 
 
