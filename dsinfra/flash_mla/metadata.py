@@ -67,7 +67,7 @@ def plan_splits(lengths: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.
     splits_per_sequence = torch.div(lengths + split - 1, split, rounding_mode="floor").clamp(min=1)
     num_splits = torch.zeros(num_sequences + 1, dtype=torch.int64, device=lengths.device)
     num_splits[1:] = torch.cumsum(splits_per_sequence, 0)
-    # Each sequence gets at most length / split + 1 splits, and split >= total / parts.
+    # ceil(L / split) <= L / split + 1 and split >= total / parts: at most parts + num_sequences splits.
     rows = torch.arange(parts + num_sequences, device=lengths.device)
     sequence = torch.searchsorted(num_splits[1:], rows, right=True)
     used = sequence < num_sequences
