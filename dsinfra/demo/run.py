@@ -61,7 +61,7 @@ def run_rank(rank: int, world_size: int, group, options: DemoOptions) -> dict | 
     state = {}
     for shard in _gather({name: t.detach().cpu() for name, t in mine.items()}):
         state.update(shard)
-    loads = recorder.weight()  # summed over all ranks: the whole batch's routing
+    loads = recorder.weight(group).cpu()  # summed over all ranks: every layer, the whole batch
     executed = _gather([(i.op, i.start, i.end) for i in trainer.pipe.executed]) if trainer.pipe.executed else None
     del trainer
 

@@ -45,13 +45,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``w2(silu(w1 x) * w3 x)``; the dense layers, the
-    shared expert and each routed expert."""
+    shared expert and each routed expert. ``w1`` and ``w3`` are one layer,
+    ``w13``, so that they cost one GEMM."""
 
     def __init__(self, dim: int, inter_dim: int, linear: LinearFactory = plain_linear):
         super().__init__()
-        self.w1 = linear(dim, inter_dim)
-        self.w3 = linear(dim, inter_dim)
+        self.w13 = linear(dim, 2 * inter_dim)
         self.w2 = linear(inter_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
