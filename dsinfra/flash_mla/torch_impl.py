@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -121,12 +122,11 @@ def flash_mla_with_kvcache(
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
     piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=q.dtype, device=q.device)
     piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=q.device)
-    # Buffers every wave reuses: allocated afresh per wave, large ones cost more than the work (page faults).
     largest = max(((end - first) * padded * num_heads_k for first, end, padded in waves), default=0)  # keys per wave
-    gather_buffer = torch.empty(largest * entry, dtype=k_cache.dtype, device=q.device)
-    keys32_buffer = torch.empty(largest * head_dim, dtype=torch.float32, device=q.device)
-    scores_buffer = torch.empty(largest * rows, dtype=torch.float32, device=q.device)
-    probs_buffer = torch.empty(largest * rows, dtype=q.dtype, device=q.device)
+    gather_buffer = workspace("gather", largest * entry, k_cache.dtype, q.device)
+    keys32_buffer = workspace("keys32", largest * head_dim, torch.float32, q.device)
+    scores_buffer = workspace("scores", largest * rows, torch.float32, q.device)
+    probs_buffer = workspace("probs", largest * rows, q.dtype, q.device)
 
     with matmul_precision(q.dtype):
         for first, end, padded in waves:
@@ -191,6 +191,21 @@ def wave_slots(
         last = length - queries_per_sequence + torch.arange(queries_per_sequence, device=start.device)
         visible = visible & (position[:, None, :] <= last[:, :, None])
     return slot, visible
+
+
+_workspaces = threading.local()
+
+
+def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, kept for the next waves and
+    calls on this thread (tens of MiB at most). Large buffers allocated afresh are
+    mmap'ed by glibc and page-faulted in on every use: that triples the cost of
+    the passes that fill them."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((name, dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[name, dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
 
 
 def view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
