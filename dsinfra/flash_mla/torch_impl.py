@@ -38,7 +38,7 @@ import torch
 from dsinfra.flash_mla.fp8_cache import dequantize_k_cache
 
 WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB), so that a wave's softmax works in cache
-MAX_WAVE_TOKENS = 8192  # keys per wave; bigger buffers pass glibc's mmap threshold and get page-faulted on every call
+MAX_WAVE_TOKENS = 8192  # keys per wave: bounds the work space (35 MiB for 576-wide heads)
 MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 % or 256 keys (a wave costs ~0.3 ms)
 
 
