@@ -204,7 +204,8 @@ def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -
     buffers = _workspaces.__dict__.setdefault("buffers", {})
     buffer = buffers.get((name, dtype, device))
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[name, dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # usable in place both in and out of inference mode
+            buffer = buffers[name, dtype, device] = torch.empty(numel, dtype=dtype, device=device)
     return buffer
 
 
