@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -37,7 +38,7 @@ import torch
 from dsinfra.flash_mla.fp8_cache import dequantize_k_cache
 
 WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB), so that a wave's softmax works in cache
-MAX_WAVE_TOKENS = 4096  # keys per wave; bigger buffers pass glibc's mmap threshold and get page-faulted on every call
+MAX_WAVE_TOKENS = 8192  # keys per wave: bounds the work space (35 MiB for 576-wide heads)
 MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 % or 256 keys (a wave costs ~0.3 ms)
 
 
@@ -121,12 +122,11 @@ def flash_mla_with_kvcache(
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
     piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=q.dtype, device=q.device)
     piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=q.device)
-    # Buffers every wave reuses: allocated afresh per wave, large ones cost more than the work (page faults).
     largest = max(((end - first) * padded * num_heads_k for first, end, padded in waves), default=0)  # keys per wave
-    gather_buffer = torch.empty(largest * entry, dtype=k_cache.dtype, device=q.device)
-    keys32_buffer = torch.empty(largest * head_dim, dtype=torch.float32, device=q.device)
-    scores_buffer = torch.empty(largest * rows, dtype=torch.float32, device=q.device)
-    probs_buffer = torch.empty(largest * rows, dtype=q.dtype, device=q.device)
+    gather_buffer = workspace("gather", largest * entry, k_cache.dtype, q.device)
+    keys32_buffer = workspace("keys32", largest * head_dim, torch.float32, q.device)
+    scores_buffer = workspace("scores", largest * rows, torch.float32, q.device)
+    probs_buffer = workspace("probs", largest * rows, q.dtype, q.device)
 
     with matmul_precision(q.dtype):
         for first, end, padded in waves:
@@ -191,6 +191,22 @@ def wave_slots(
         last = length - queries_per_sequence + torch.arange(queries_per_sequence, device=start.device)
         visible = visible & (position[:, None, :] <= last[:, :, None])
     return slot, visible
+
+
+_workspaces = threading.local()
+
+
+def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, kept for the next waves and
+    calls on this thread (tens of MiB at most). Large buffers allocated afresh are
+    mmap'ed by glibc and page-faulted in on every use: that triples the cost of
+    the passes that fill them."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((name, dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # usable in place both in and out of inference mode
+            buffer = buffers[name, dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
 
 
 def view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:

@@ -196,3 +196,16 @@ def test_triton_random_problems(problem):
         patch.setenv("DSINFRA_BACKEND", "triton")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         check_against_reference(moved(paged_inputs(**kwargs), device), causal=causal, parts=parts, bound=SMALL_PROBLEM_BOUND)
+
+
+def test_torch_in_and_out_of_inference_mode(backend_torch):
+    """The CPU path's kept buffers serve calls made in inference mode and outside it."""
+    from dsinfra.flash_mla import torch_impl
+
+    torch_impl._workspaces.__dict__.clear()
+    inputs = paged_inputs([70, 5], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=16)
+    with torch.inference_mode():
+        check_against_reference(inputs)
+    check_against_reference(inputs)
+    with torch.inference_mode():
+        check_against_reference(inputs)
