@@ -84,7 +84,7 @@ def _loss_curve(losses: list[float], path: str) -> str:
     axes.set_xlabel("step")
     axes.set_ylabel("loss (mean cross-entropy)")
     axes.set_yscale("log")
-    axes.set_title("training loss: sorting tokens, DualPipeV x expert parallel, FP8 experts")
+    axes.set_title("training loss (sorting tokens)")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
