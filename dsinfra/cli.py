@@ -18,6 +18,7 @@ COMMANDS = {
     "info": ("dsinfra.info", "versions, devices, and which implementation each operation would use"),
     "bench": ("dsinfra.bench.cli", "run the benchmarks and report them against the machine's ceilings"),
     "eplb": ("dsinfra.eplb.cli", "plan expert replication and placement from a file of expert loads"),
+    "demo": ("dsinfra.demo.cli", "train and serve a small DeepSeek-V3-style model through every component"),
     "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
 }
 
