@@ -24,7 +24,7 @@ import time
 
 from dsinfra.cli import CommandError
 
-QUICK = {"steps": 12, "batch_size": 16, "requests_per_rank": 3, "new_tokens": 4}
+QUICK = {"steps": 12, "batch_size": 16, "requests_per_rank": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def options_from(args: argparse.Namespace, world_size: int):
         train = TrainConfig(pp=args.pp, ep=args.ep, seed=args.seed, fp8=not args.no_fp8, device=args.device, **train_sizes)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    serve_sizes = {k: sizes[k] for k in ("requests_per_rank", "new_tokens") if k in sizes}
+    serve_sizes = {k: sizes[k] for k in ("requests_per_rank",) if k in sizes}
     return DemoOptions(train=train, out=os.path.abspath(args.out), **serve_sizes)
 
 
@@ -122,7 +122,7 @@ def _print_summary(summary: dict, options, seconds: float) -> None:
         print(f"  layer {layer}: training loads {before:.3f} -> {after:.3f} planned; serving "
               f"{balancing['serving_max_over_mean_in_order'][layer]:.3f} -> {balancing['serving_max_over_mean_balanced'][layer]:.3f} measured")
     for served in summary["serving"]:
-        print(f"serving rank {served['rank']}: {len(served['prompts'])} requests, {served['sorted_correctly']} sorted correctly; "
+        print(f"serving rank {served['rank']}: {len(served['prompts'])} requests, {served['sorted_correctly']} finished the sort correctly; "
               f"logits vs full attention: calc_diff {served['logits_calc_diff']:.2e}, tokens agree {100 * served['token_agreement']:.0f}%")
     print(f"outputs in {options.out}: " + ", ".join(summary["files"].values()) + ", summary.json")
     print(f"done in {seconds:.0f} s")

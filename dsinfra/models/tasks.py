@@ -38,11 +38,21 @@ class SortTask:
         targets[:, self.length : -1] = tokens[:, self.length + 1 :]
         return tokens, targets
 
-    def prompts(self, lengths: list[int], step: int = 10**6) -> list[torch.Tensor]:
-        """Unsorted prompts of the given lengths, each ending with the separator:
-        requests of different lengths for serving."""
+    def requests(self, answered: list[int], step: int = 10**6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Requests for serving, as (prompt, expected continuation) pairs.
+
+        Request ``i`` is a fresh unsorted sequence, the separator, and the first
+        ``answered[i]`` tokens of its sorted answer already written: prompts of
+        ``length + 1 + answered[i]`` tokens, all of them like the training data,
+        whose continuation is the rest of the sorted answer.
+        """
+        if any(not 0 <= a < self.length for a in answered):
+            raise ValueError(f"answered must hold values in [0, {self.length}); got {answered}")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return [
-            torch.cat([torch.randint(0, self.num_values, (n,), generator=gen), torch.tensor([self.separator])])
-            for n in lengths
-        ]
+        pairs = []
+        for a in answered:
+            values = torch.randint(0, self.num_values, (self.length,), generator=gen)
+            ordered = values.sort().values
+            prompt = torch.cat([values, torch.tensor([self.separator]), ordered[:a]])
+            pairs.append((prompt, ordered[a:]))
+        return pairs

@@ -20,6 +20,7 @@ that of one process training on the whole batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
@@ -44,7 +45,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per global batch
     sort_length: int = 8  # tokens to sort per sequence
     num_chunks: int = 4  # DualPipeV micro-batches per rank and step (>= 2 pp)
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (see lr_factor)
     seed: int = 0
     fp8: bool = True  # experts through dsinfra.deep_gemm.FP8Linear
     device: str = "cpu"  # or "cuda": each rank on its current GPU, NCCL between them
@@ -161,6 +162,11 @@ def is_expert_parameter(name: str) -> bool:
     return _LOCAL_EXPERT.search(name) is not None
 
 
+def lr_factor(step: int, steps: int, warmup: int = 20) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``steps``."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def make_criterion(num_target_tokens: int):
     """The loss of one micro-batch: its summed cross-entropy over the global batch's target tokens."""
 
@@ -197,12 +203,14 @@ class Trainer:
         set_p2p_tensor_dtype(torch.float32)
         self.criterion = make_criterion(config.batch_size * config.sort_length)
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=config.lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config.steps))
 
     def step(self, step: int) -> float | None:
         """One training step; returns the global batch's mean loss on
         pipeline rank 0 (where DualPipeV's last stage is), None elsewhere."""
         loss = self.forward_backward(step)
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.balance_experts()
         return loss

@@ -76,7 +76,12 @@ def test_sort_task():
     assert torch.equal(tokens[:, 6:], tokens[:, :5].sort(1).values)
     assert (targets[:, :5] == IGNORE).all() and (targets[:, -1] == IGNORE).all()
     assert torch.equal(targets[:, 5:10], tokens[:, 6:])
-    assert [len(p) for p in task.prompts([3, 7])] == [4, 8]
+    requests = task.requests([0, 3])
+    assert [len(p) for p, _ in requests] == [6, 9] and [len(c) for _, c in requests] == [5, 2]
+    prompt, continuation = requests[1]
+    assert prompt[5] == 9 and torch.equal(torch.cat([prompt[6:], continuation]), prompt[:5].sort().values)
+    with pytest.raises(ValueError, match="answered"):
+        task.requests([5])
 
 
 @pytest.mark.parametrize("field, value", [("n_layers", 0), ("n_limited_groups", 5), ("n_activated_experts", 7), ("n_dense_layers", 4)])

@@ -12,7 +12,11 @@ from dsinfra.models.serving import full_attention_logits, generate, serve_expert
 from dsinfra.testing import calc_diff, skewed_loads, spawn
 from tests.models.test_training import ARGS
 
-PROMPT_LENGTHS = [1, 9, 4, 70]  # one prompt crosses a 64-token cache block
+ANSWERED = [0, 9, 4, 30]  # prompts of 41 to 71 tokens: one crosses a 64-token cache block
+
+
+def _prompts(model, answered, step=0):
+    return [prompt for prompt, _ in SortTask(model.args.vocab_size, 40, 1).requests(answered, step)]
 
 
 def _model(seed=0):
@@ -22,7 +26,7 @@ def _model(seed=0):
 
 def test_decoding_through_the_paged_cache_equals_full_attention():
     model = _model()
-    prompts = SortTask(model.args.vocab_size, 4, 1).prompts(PROMPT_LENGTHS)
+    prompts = _prompts(model, ANSWERED)
     generation = generate(model, prompts, 6)
     assert generation.tokens.shape == (4, 6)
     expected = full_attention_logits(model, generation)
@@ -33,7 +37,7 @@ def test_decoding_through_the_paged_cache_equals_full_attention():
 
 def _serve(rank, world_size, group, plan):
     model = _model()
-    prompts = SortTask(model.args.vocab_size, 4, 1).prompts(PROMPT_LENGTHS[rank::2], step=rank)
+    prompts = _prompts(model, ANSWERED[rank::2], step=rank)
     dispatchers = serve_expert_parallel(model, group, plan, max_tokens=80)
     generation = generate(model, prompts, 4)
     return generation.logits, [d.loads.tolist() for d in dispatchers], [d.loads_in_order.tolist() for d in dispatchers]
