@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,3 +88,23 @@ def _exit_code(args):
         return cli.main(args)
     except SystemExit as exit:
         return exit.code
+
+
+def test_bench_report_prints_a_saved_report_in_markdown(tmp_path, capsys):
+    from dsinfra.bench import Result, runner
+
+    result = Result("fake", "a case", time_s=0.002, min_time_s=0.001, baseline="naive", baseline_time_s=0.006)
+    result.derive(None)
+    report = {
+        "date": "2026-11-29", "device": "cpu", "machine": {"cpu": "a CPU"}, "versions": {"torch": "2.x"},
+        "ceilings": {"copy_bytes_per_s": 2e10, "matmul_flops_per_s": 1e12}, "results": [dataclasses.asdict(result)],
+    }
+    path = tmp_path / "report.json"
+    runner.write_json(report, str(path))
+    assert _exit_code(["bench", "--report", str(path), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| case | median ms | min ms | baseline | baseline ms | speed-up |" in out
+    assert "| a case | 2 | 1 | naive | 6 | 3.00x |" in out
+    path.write_text("{}")
+    assert _exit_code(["bench", "--report", str(path)]) == 2
+    assert "not a readable benchmark report" in capsys.readouterr().err

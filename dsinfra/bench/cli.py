@@ -21,9 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case (default 10)")
+    parser.add_argument("--markdown", action="store_true", help="print the tables in Markdown (for docs/performance.md)")
+    parser.add_argument("--report", metavar="PATH", help="print the tables of a saved --json report instead of running")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        return _print_report(args.report, args.components, args.markdown)
     modules = runner.registered()
     unknown = [name for name in args.components if name not in modules]
     if unknown:
@@ -46,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.repeats < 1:
         raise CommandError("--warmup must be >= 0 and --repeats >= 1")
     report = runner.run_benchmarks(
-        args.components or list(modules), device, quick=args.quick, warmup=args.warmup, repeats=args.repeats
+        args.components or list(modules),
+        device,
+        quick=args.quick,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        markdown=args.markdown,
     )
     if args.json:
         try:
@@ -54,4 +63,21 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:
             raise CommandError(f"--json {args.json}: {error.strerror}") from None
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def _print_report(path: str, components: list[str], markdown: bool) -> int:
+    try:
+        report, results = runner.read_results(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CommandError(f"--report {path}: not a readable benchmark report ({error})") from None
+    ceilings = report["ceilings"]
+    print(
+        f"{report['date']}, {report['device']}: {report['machine']['cpu']}; torch {report['versions']['torch']}; "
+        f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"
+    )
+    for name in dict.fromkeys(r.component for r in results):
+        if not components or name in components:
+            print(f"\n{name}\n")
+            print(runner.format_table([r for r in results if r.component == name], markdown=markdown))
     return 0

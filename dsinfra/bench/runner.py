@@ -39,6 +39,7 @@ def run_benchmarks(
     warmup: int = 2,
     repeats: int = 10,
     log: Callable[[str], None] = print,
+    markdown: bool = False,
 ) -> dict[str, Any]:
     """Measure the ceilings of ``device``, run the named benchmarks and return the report."""
     device = torch.device(device)
@@ -57,7 +58,7 @@ def run_benchmarks(
         log(f"\n== {name}: {description(modules[name])}")
         ctx = harness.BenchContext(name, device, ceilings=ceilings, quick=quick, warmup=warmup, repeats=repeats, log=log)
         modules[name].benchmark(ctx)
-        log(format_table(ctx.results))
+        log(format_table(ctx.results, markdown=markdown))
         results.extend(ctx.results)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -69,6 +70,13 @@ def run_benchmarks(
         "ceilings": ceilings.as_dict(),
         "results": [dataclasses.asdict(result) for result in results],
     }
+
+
+def read_results(path: str) -> tuple[dict[str, Any], list[harness.Result]]:
+    """A report written by :func:`write_json`, and its results as :class:`Result` objects."""
+    with open(path) as f:
+        report = json.load(f)
+    return report, [harness.Result(**result) for result in report["results"]]
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
@@ -92,9 +100,10 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def format_table(results: Sequence[harness.Result]) -> str:
-    """A plain-text table of the results, one row per case; columns that no case
-    fills are left out, and each ``extra`` figure gets a column of its own."""
+def format_table(results: Sequence[harness.Result], *, markdown: bool = False) -> str:
+    """A table of the results, one row per case, plain text or Markdown (for
+    docs/performance.md); columns that no case fills are left out, and each
+    ``extra`` figure gets a column of its own."""
     columns: list[tuple[str, Callable[[harness.Result], str]]] = [
         ("case", lambda r: r.case),
         ("median ms", lambda r: _figure(r.time_s * 1e3)),
@@ -114,6 +123,10 @@ def format_table(results: Sequence[harness.Result]) -> str:
     rows = [[render(result) for _, render in columns] for result in results]
     keep = [i for i, (title, _) in enumerate(columns) if i == 0 or any(row[i] != "-" for row in rows)]
     table = [[columns[i][0] for i in keep]] + [[row[i] for i in keep] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in table]
+        lines.insert(1, "|" + " --- |" * len(keep))
+        return "\n".join(lines)
     widths = [max(len(line[i]) for line in table) for i in range(len(keep))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
