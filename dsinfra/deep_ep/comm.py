@@ -117,7 +117,7 @@ class Comm:
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         counts = send_rows if send_rows is not None else [send.shape[0] // self.topology.num_ranks] * self.topology.num_ranks
         self.traffic.add(self.topology, counts, row_bytes)
-        return dist.all_to_all_single(recv, send, recv_rows, send_rows, group=self.group, async_op=async_op)
+        return dist.all_to_all_single(recv, send.contiguous(), recv_rows, send_rows, group=self.group, async_op=async_op)
 
     def all_gather(self, recv: torch.Tensor, send: torch.Tensor, *, async_op: bool = False):
         """Every rank's ``send`` into ``recv [num_ranks, *send.shape]``, in rank order."""

@@ -33,8 +33,9 @@ def write_all(
         "trace_train_step": os.path.join(out, "trace_train_step.json"),
         "trace_decode_step": os.path.join(out, "trace_decode_step.json"),
     }
-    in_order = torch.tensor([s["rank_loads_in_order"] for s in served][0], dtype=torch.float64)
-    balanced = torch.tensor([s["rank_loads_balanced"] for s in served][0], dtype=torch.float64)
+    # the loads are summed over the serving ranks: every one of them holds the same
+    in_order = torch.tensor(served[0]["rank_loads_in_order"], dtype=torch.float64)
+    balanced = torch.tensor(served[0]["rank_loads_balanced"], dtype=torch.float64)
     summary = {
         "config": {
             "ranks": config.world_size,

@@ -37,8 +37,7 @@ class DemoOptions:
     load_window: int = 50  # EPLB plans from the expert loads of the last this many steps
     requests_per_rank: int = 6
     new_tokens: int = 8  # enough to finish every request's sort (sort_length)
-    trace_step: int = 2  # the training step traced with torch.profiler
-    progress: bool = True
+    trace_step: int = 2  # the training step traced with torch.profiler (the last one in shorter runs)
 
 
 def _gather(value, group=None) -> list:
@@ -99,7 +98,7 @@ def _train(trainer: Trainer, recorder, options: DemoOptions, rank: int) -> tuple
     losses, seconds = [], []
     for step in range(config.steps):
         start = time.perf_counter()
-        if rank == 0 and step == options.trace_step:
+        if rank == 0 and step == min(options.trace_step, config.steps - 1):
             loss = _profiled(lambda: trainer.step(step), os.path.join(options.out, "trace_train_step.json"))
         else:
             loss = trainer.step(step)
@@ -107,9 +106,9 @@ def _train(trainer: Trainer, recorder, options: DemoOptions, rank: int) -> tuple
         seconds.append(time.perf_counter() - start)
         if loss is not None:
             losses.append(loss)
-        if rank == 0 and options.progress:
+        if rank == 0:
             _progress(step + 1, config.steps, loss, seconds[-1])
-    if rank == 0 and options.progress:
+    if rank == 0:
         print(file=sys.stderr)
     return losses, seconds
 

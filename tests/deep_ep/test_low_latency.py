@@ -84,6 +84,9 @@ def _run_ranks(rank, world_size, group):
     big = Buffer(group, 0, int(1e8), low_latency_mode=True)
     out["disagree"] = raised(lambda: big.low_latency_dispatch(x, topk_idx, MAX_TOKENS + (rank == 0), NUM_EXPERTS))
 
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    out["alone"] = _round_trip(Buffer(alone, 0, int(1e8), low_latency_mode=True), x, topk_idx, topk_weights, NUM_EXPERTS)
+
     subgroup = [dist.new_group(ranks) for ranks in SUBGROUPS][rank // 2]
     sub_buffer = Buffer(subgroup, 0, int(1e8), low_latency_mode=True)
     sub_x, sub_topk_idx, sub_topk_weights = subgroup_inputs(rank, SUBGROUP_EXPERTS)
@@ -137,6 +140,12 @@ def test_round_trip_on_two_rank_subgroups(ranks):
     for members in SUBGROUPS:
         xs, idxs, weights = all_inputs(members, SUBGROUP_EXPERTS, subgroup_inputs)
         _check_round_trip([ranks[r]["subgroup"] for r in members], xs, idxs, [w.abs() for w in weights], SUBGROUP_EXPERTS, True)
+
+
+def test_round_trip_on_a_one_rank_group(ranks):  # expert parallelism of 1: every expert here
+    for rank, result in enumerate(ranks):
+        xs, idxs, weights = all_inputs([rank], NUM_EXPERTS)
+        _check_round_trip([result["alone"]], xs, idxs, [w.abs() for w in weights], NUM_EXPERTS, use_fp8=True)
 
 
 def test_combine_completes_a_dispatch_not_yet_received(ranks):
