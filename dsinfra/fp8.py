@@ -11,6 +11,12 @@ A scale is ``amax / 448`` of its group (448 is float8_e4m3fn's largest finite
 value), with amax floored at 1e-4 so an all-zero group stays finite, and
 ``x ≈ x_fp8.float() * scale``. A last group narrower than 128 (k or n not a
 multiple of 128) is scaled by its own amax.
+
+Widening FP8 on a CPU. Eager PyTorch converts float8 to wider dtypes one
+element at a time there (about 2 ns an element, slower than a bf16 matmul
+reads its operands), so :func:`fp8_bits_widened` does it with vectorised
+integer ops, and :func:`fp8_to_float` and the cast-backs build on it. The
+results are exactly those of ``x.float()``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from dsinfra.validation import check_tensor
 FP8_MAX = 448.0
 GROUP = 128
 _AMAX_FLOOR = 1e-4
+REBIAS = 2.0**120  # float8_e4m3fn's exponent bias is 7, bfloat16's and float32's 127
+# dtype -> (integer dtype of its width, shift that moves a byte's eeee mmm to the top of the
+# exponent and mantissa fields, mask of those 7 bits and the sign bit: 0x87f0 and 0x87f00000)
+_WIDENING = {torch.bfloat16: (torch.int16, 4, -0x7810), torch.float32: (torch.int32, 20, -0x78100000)}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -31,6 +41,48 @@ def _ceil_div(a: int, b: int) -> int:
 def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad = -x.shape[-1] % multiple
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def fp8_bits_widened(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * 2**-120`` in ``dtype`` (torch.bfloat16 or torch.float32), exactly, by integer ops.
+
+    x: float8_e4m3fn, any shape and strides. Each byte ``s eeee mmm``, sign-extended
+    to the width of ``dtype``, shifted so that ``eeee mmm`` lands at the top of the
+    exponent and mantissa fields, and masked to those bits and the sign, is the bit
+    pattern of ``x * 2**-120``: the exponent biases differ by 120, and FP8
+    subnormals land on subnormals. NaN (``0x7f``, ``0xff``) reads as ±480 · 2**-120.
+    out: an int16 (bfloat16) or int32 (float32) tensor of x's shape to fill, else allocated.
+    Returns ``out`` viewed as ``dtype``.
+    """
+    integer, shift, mask = _WIDENING[dtype]
+    if out is None:
+        out = torch.empty(x.shape, dtype=integer, device=x.device)
+    out.copy_(x.view(torch.int8))  # sign-extends
+    out.mul_(1 << shift).bitwise_and_(mask)
+    return out.view(dtype)
+
+
+def fp8_to_float(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` for float8_e4m3fn x, bit for bit, NaN included; on a CPU several
+    times faster than ``x.float()`` (through :func:`fp8_bits_widened`)."""
+    if x.device.type != "cpu":
+        return x.float()
+    values = fp8_bits_widened(x, torch.float32).mul_(REBIAS)  # exact: a power of two
+    if values.numel():
+        smallest, largest = values.aminmax()
+        if max(-float(smallest), float(largest)) > FP8_MAX:  # only NaN bytes read as ±480
+            values.masked_fill_(values.abs() == 480.0, float("nan"))
+    return values
+
+
+def _scale_groups_(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Multiply x [..., k] in place by scales [..., ceil(k/128)], one per 128 channels."""
+    k = x.shape[-1]
+    full = k // GROUP * GROUP
+    x[..., :full].unflatten(-1, (-1, GROUP)).mul_(scales[..., : full // GROUP, None])
+    if full < k:
+        x[..., full:].mul_(scales[..., -1:])
+    return x
 
 
 def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +103,7 @@ def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.
     check_tensor("x_fp8", x_fp8, dtype=torch.float8_e4m3fn)
     k = x_fp8.shape[-1]
     check_tensor("scales", scales, dtype=torch.float32, shape=(*x_fp8.shape[:-1], _ceil_div(k, GROUP)))
-    x = x_fp8.float() * scales.repeat_interleave(GROUP, dim=-1)[..., :k]
-    return x.to(dtype)
+    return _scale_groups_(fp8_to_float(x_fp8), scales).to(dtype)
 
 
 def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,5 +123,4 @@ def per_block_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.
     check_tensor("x_fp8", x_fp8, dtype=torch.float8_e4m3fn, ndim=2)
     n, k = x_fp8.shape
     check_tensor("scales", scales, dtype=torch.float32, shape=(_ceil_div(n, GROUP), _ceil_div(k, GROUP)))
-    expanded = scales.repeat_interleave(GROUP, dim=0)[:n].repeat_interleave(GROUP, dim=1)[:, :k]
-    return (x_fp8.float() * expanded).to(dtype)
+    return _scale_groups_(fp8_to_float(x_fp8), scales.repeat_interleave(GROUP, dim=0)[:n]).to(dtype)

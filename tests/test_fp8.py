@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dsinfra.fp8 import FP8_MAX, per_block_cast_back, per_block_cast_to_fp8, per_token_cast_back, per_token_cast_to_fp8
+from dsinfra.fp8 import FP8_MAX, REBIAS, fp8_bits_widened, fp8_to_float, per_block_cast_back, per_block_cast_to_fp8, per_token_cast_back, per_token_cast_to_fp8
 from dsinfra.testing import calc_diff, randn
 
 
@@ -58,3 +58,41 @@ def test_bad_input():
         per_token_cast_back(x_fp8, scales[:, :1])
     with pytest.raises(TypeError, match="x_fp8 must have dtype float8_e4m3fn"):
         per_token_cast_back(x_fp8.float(), scales)
+
+
+ALL_FP8 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)  # every byte: ±0, subnormals, NaN
+
+
+def test_fp8_to_float_is_exact_for_every_byte():
+    widened = fp8_to_float(ALL_FP8)
+    expected = ALL_FP8.float()
+    assert widened.dtype == torch.float32
+    assert torch.equal(widened.isnan(), expected.isnan()) and int(expected.isnan().sum()) == 2
+    assert torch.equal(widened.view(torch.int32)[~expected.isnan()], expected.view(torch.int32)[~expected.isnan()])  # -0 too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_bits_widened_is_the_rebiased_value(dtype):
+    finite = ALL_FP8[~ALL_FP8.float().isnan()]
+    widened = fp8_bits_widened(finite, dtype)
+    assert widened.dtype == dtype
+    assert torch.equal(widened.double() * REBIAS, finite.double())
+    out = torch.zeros(3, finite.numel() + 5, dtype=torch.int16 if dtype == torch.bfloat16 else torch.int32)
+    strided = finite.expand(3, -1)[:, ::2]  # stride 0 and 2 on the input, a slice for the output
+    fp8_bits_widened(strided, dtype, out=out[:, 1 : 1 + strided.shape[1]])
+    assert torch.equal(out[:, 1 : 1 + strided.shape[1]].view(dtype).double() * REBIAS, strided.double())
+    assert (out[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 256), (2, 200), (4, 1, 72)])
+def test_cast_backs_equal_the_plain_formula(shape):
+    """The fast cast-backs give, bit for bit, x.float() times the expanded scales."""
+    x_fp8, scales = per_token_cast_to_fp8(randn(*shape, seed=3))
+    k = shape[-1]
+    expected = x_fp8.float() * scales.repeat_interleave(128, dim=-1)[..., :k]
+    assert torch.equal(per_token_cast_back(x_fp8, scales), expected)
+    assert torch.equal(per_token_cast_back(x_fp8, scales, torch.bfloat16), expected.bfloat16())
+    if len(shape) == 2:
+        b_fp8, b_scales = per_block_cast_to_fp8(randn(*shape, seed=4) * 1e-3)
+        expanded = b_scales.repeat_interleave(128, dim=0)[: shape[0]].repeat_interleave(128, dim=1)[:, :k]
+        assert torch.equal(per_block_cast_back(b_fp8, b_scales), b_fp8.float() * expanded)

@@ -7,11 +7,9 @@ most :data:`_TILE_ELEMENTS` at a time, so a large weight is never dequantised
 whole. Both land in per-thread scratch memory that is reused between calls.
 
 Dequantising. Eager PyTorch converts float8 to other dtypes one element at a time
-(about 4 ns an element), so :func:`_dequantise` uses integer ops instead: each
-FP8 byte ``s eeee mmm``, sign-extended to 16 bits, shifted left by 4 and masked to
-bit 15 and bits 10..4, is the bf16 bit pattern of ``x * 2^-120`` exactly (the
-exponent biases differ by 120; FP8 subnormals land on bf16 subnormals). One bf16
-multiply by ``scale * 2^120`` then gives ``x * scale``. That factor is rounded to
+on a CPU, so :func:`_dequantise` widens with integer ops instead
+(:func:`dsinfra.fp8.fp8_bits_widened`: the bf16 of ``x * 2^-120``, exactly). One
+bf16 multiply by ``scale * 2^120`` then gives ``x * scale``. That factor is rounded to
 bf16 and the product once more, so an operand carries a relative error of at most
 2^-7 (bf16 rounds to 2^-8), well below FP8's own 2^-4. Scales of 2^7 or more
 would overflow the factor: such an operand's scales are divided by a power of two
@@ -29,11 +27,9 @@ import threading
 import torch
 
 from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
-from dsinfra.fp8 import GROUP
+from dsinfra.fp8 import GROUP, REBIAS, fp8_bits_widened
 
 _TILE_ELEMENTS = 1 << 23  # RHS elements dequantised at a time: 16 MiB of bf16
-_BIAS_EXPONENT = 120  # the shifted bits of x read as the bf16 of x * 2^-120
-_SIGN_AND_LOW_EXPONENT = -30736  # int16 0x87f0: bit 15 (sign) and bits 10..4 (eeee mmm)
 _LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16
 _scratch = threading.local()  # per thread: the dequantised operands' memory, kept between calls
 
@@ -48,7 +44,7 @@ def _factors(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
         largest = max(-float(smallest), float(largest))
         if math.isfinite(largest):
             exponent = max(0, math.frexp(largest)[1] - _LARGEST_SCALE_EXPONENT)
-    return (scales * 2.0 ** (_BIAS_EXPONENT - exponent)).to(torch.bfloat16), exponent
+    return (scales * (REBIAS / 2.0**exponent)).to(torch.bfloat16), exponent
 
 
 def _buffer(purpose: str, rows: int, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -74,8 +70,7 @@ def _dequantise(x: torch.Tensor, factors: torch.Tensor, buffer: torch.Tensor) ->
     """x: [r, k] float8_e4m3fn, factors: [r, ceil(k/128)] from :func:`_factors`,
     buffer: [r, align(k, 128)] int16 from :func:`_buffer` -> the buffer as bf16,
     holding ``x * scales`` (zero past column k)."""
-    buffer[:, : x.shape[1]].copy_(x.view(torch.int8))  # sign-extends each byte
-    buffer.mul_(16).bitwise_and_(_SIGN_AND_LOW_EXPONENT)  # bf16 bits of x * 2^-120
+    fp8_bits_widened(x, torch.bfloat16, out=buffer[:, : x.shape[1]])
     values = buffer.view(torch.bfloat16)
     values.unflatten(1, (-1, GROUP)).mul_(factors.unsqueeze(-1))
     return values

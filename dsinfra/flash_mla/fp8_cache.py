@@ -100,4 +100,7 @@ def dequantize_k_cache(
             f"got shape {list(k_cache.shape)}"
         )
     nope, scales, rope = split_fp8_cache(k_cache, head_dim, head_dim_v)
-    return torch.cat([per_token_cast_back(nope, scales, dtype), rope.to(dtype)], dim=-1)
+    out = torch.empty(*k_cache.shape[:-1], head_dim, dtype=dtype, device=k_cache.device)
+    out[..., :head_dim_v] = per_token_cast_back(nope, scales)  # float32, rounded once into dtype
+    out[..., head_dim_v:] = rope
+    return out
