@@ -21,6 +21,8 @@ results are exactly those of ``x.float()``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsinfra.validation import check_tensor
@@ -28,6 +30,7 @@ from dsinfra.validation import check_tensor
 FP8_MAX = 448.0
 GROUP = 128
 _AMAX_FLOOR = 1e-4
+_CHUNK_BYTES = 1 << 20  # float32 work space per step of a cast on a CPU
 REBIAS = 2.0**120  # float8_e4m3fn's exponent bias is 7, bfloat16's and float32's 127
 # dtype -> (integer dtype of its width, shift that moves a byte's eeee mmm to the top of the
 # exponent and mantissa fields, mask of those 7 bits and the sign bit: 0x87f0 and 0x87f00000)
@@ -75,6 +78,17 @@ def fp8_to_float(x: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _row_chunks(rows: int, row_bytes: int, device: torch.device, multiple: int = 1) -> list[slice]:
+    """Slices of ``rows`` whose float32 work space is about 1 MiB on a CPU (one slice
+    elsewhere), each a multiple of ``multiple`` rows but the last. Small temporaries
+    stay in cache, and stay below the size from which malloc maps fresh pages on
+    every call (page faults cost more than the casts)."""
+    if device.type != "cpu":
+        return [slice(0, rows)]
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1) // multiple) * multiple
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def _scale_groups_(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Multiply x [..., k] in place by scales [..., ceil(k/128)], one per 128 channels."""
     k = x.shape[-1]
@@ -91,30 +105,55 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     k = x.shape[-1]
-    groups = _pad_last(x.float(), GROUP).unflatten(-1, (-1, GROUP))
-    amax = groups.abs().amax(dim=-1).clamp(min=_AMAX_FLOOR)
-    scales = amax / FP8_MAX
-    x_fp8 = (groups / scales.unsqueeze(-1)).flatten(-2)[..., :k].to(torch.float8_e4m3fn)
-    return x_fp8, scales
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
+    x_fp8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(rows.shape[0], _ceil_div(k, GROUP), device=x.device)
+    for chunk in _row_chunks(rows.shape[0], 4 * k, x.device):
+        groups = _pad_last(rows[chunk].float(), GROUP).unflatten(-1, (-1, GROUP))
+        amax = groups.abs().amax(dim=-1).clamp_(min=_AMAX_FLOOR)
+        scales[chunk] = amax / FP8_MAX
+        x_fp8[chunk] = (groups / scales[chunk, :, None]).flatten(-2)[:, :k]
+    return x_fp8.view(x.shape), scales.view(*x.shape[:-1], scales.shape[1])
 
 
-def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of :func:`per_token_cast_to_fp8`: [..., k] in ``dtype``."""
+def _cast_back_rows(x_fp8: torch.Tensor, row_scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [rows, k] = x_fp8 [rows, k] times row_scales [rows, ceil(k/128)], computed in float32 and rounded once."""
+    for chunk in _row_chunks(x_fp8.shape[0], 4 * x_fp8.shape[1], x_fp8.device):
+        out[chunk] = _scale_groups_(fp8_to_float(x_fp8[chunk]), row_scales[chunk])
+    return out
+
+
+def per_token_cast_back(
+    x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The inverse of :func:`per_token_cast_to_fp8`: [..., k] in ``dtype``.
+
+    out: where to write it (x_fp8's shape, ``dtype``, viewable as [-1, k], as a slice
+    of the last dimension of a contiguous tensor is), else allocated."""
     check_tensor("x_fp8", x_fp8, dtype=torch.float8_e4m3fn)
     k = x_fp8.shape[-1]
     check_tensor("scales", scales, dtype=torch.float32, shape=(*x_fp8.shape[:-1], _ceil_div(k, GROUP)))
-    return _scale_groups_(fp8_to_float(x_fp8), scales).to(dtype)
+    if out is None:
+        out = torch.empty(x_fp8.shape, dtype=dtype, device=x_fp8.device)
+    check_tensor("out", out, dtype=dtype, shape=tuple(x_fp8.shape))
+    rows = math.prod(x_fp8.shape[:-1])
+    _cast_back_rows(x_fp8.reshape(rows, k), scales.reshape(rows, scales.shape[-1]), out.view(rows, k))
+    return out
 
 
 def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [n, k] float -> (float8_e4m3fn [n, k], float32 scales [ceil(n/128), ceil(k/128)])."""
     check_tensor("x", x, dtype=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
     n, k = x.shape
-    padded = _pad_last(_pad_last(x.float(), GROUP).t(), GROUP).t()  # [n_pad, k_pad]
-    blocks = padded.unflatten(0, (-1, GROUP)).unflatten(2, (-1, GROUP))  # [nb, 128, kb, 128]
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=_AMAX_FLOOR)
-    scales = amax / FP8_MAX
-    x_fp8 = (blocks / scales[:, None, :, None]).flatten(2).flatten(0, 1)[:n, :k].to(torch.float8_e4m3fn).contiguous()
+    x_fp8 = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(_ceil_div(n, GROUP), _ceil_div(k, GROUP), device=x.device)
+    for chunk in _row_chunks(n, 4 * k, x.device, multiple=GROUP):
+        padded = _pad_last(_pad_last(x[chunk].float(), GROUP).t(), GROUP).t()  # [rows padded, k padded]
+        blocks = padded.unflatten(0, (-1, GROUP)).unflatten(2, (-1, GROUP))  # [row blocks, 128, kb, 128]
+        block_rows = slice(chunk.start // GROUP, chunk.start // GROUP + blocks.shape[0])
+        amax = blocks.abs().amax(dim=(1, 3)).clamp_(min=_AMAX_FLOOR)
+        scales[block_rows] = amax / FP8_MAX
+        x_fp8[chunk] = (blocks / scales[block_rows, None, :, None]).flatten(2).flatten(0, 1)[: chunk.stop - chunk.start, :k]
     return x_fp8, scales
 
 
@@ -123,4 +162,5 @@ def per_block_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.
     check_tensor("x_fp8", x_fp8, dtype=torch.float8_e4m3fn, ndim=2)
     n, k = x_fp8.shape
     check_tensor("scales", scales, dtype=torch.float32, shape=(_ceil_div(n, GROUP), _ceil_div(k, GROUP)))
-    return _scale_groups_(fp8_to_float(x_fp8), scales.repeat_interleave(GROUP, dim=0)[:n]).to(dtype)
+    out = torch.empty(n, k, dtype=dtype, device=x_fp8.device)
+    return _cast_back_rows(x_fp8, scales.repeat_interleave(GROUP, dim=0)[:n], out)

@@ -96,3 +96,23 @@ def test_cast_backs_equal_the_plain_formula(shape):
         b_fp8, b_scales = per_block_cast_to_fp8(randn(*shape, seed=4) * 1e-3)
         expanded = b_scales.repeat_interleave(128, dim=0)[: shape[0]].repeat_interleave(128, dim=1)[:, :k]
         assert torch.equal(per_block_cast_back(b_fp8, b_scales), b_fp8.float() * expanded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_casts_equal_the_plain_formula(dtype):
+    """The casts work in row chunks of about 1 MiB on a CPU; inputs of several chunks
+    give, bit for bit, the one-pass formula."""
+    x = randn(3000, 200, seed=5, dtype=dtype) * torch.logspace(-3, 3, 3000)[:, None].to(dtype)
+    groups = torch.nn.functional.pad(x.float(), (0, 56)).unflatten(-1, (-1, 128))
+    scales = groups.abs().amax(dim=-1).clamp(min=1e-4) / FP8_MAX
+    expected = (groups / scales[..., None]).flatten(-2)[:, :200].to(torch.float8_e4m3fn)
+    x_fp8, x_scales = per_token_cast_to_fp8(x)
+    assert torch.equal(x_scales, scales) and torch.equal(x_fp8.view(torch.uint8), expected.view(torch.uint8))
+
+    w = randn(300, 1100, seed=6, dtype=dtype)
+    padded = torch.nn.functional.pad(w.float(), (0, 52, 0, 84))
+    blocks = padded.unflatten(0, (-1, 128)).unflatten(2, (-1, 128))
+    block_scales = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / FP8_MAX
+    expected = (blocks / block_scales[:, None, :, None]).flatten(2).flatten(0, 1)[:300, :1100].to(torch.float8_e4m3fn)
+    w_fp8, w_scales = per_block_cast_to_fp8(w)
+    assert torch.equal(w_scales, block_scales) and torch.equal(w_fp8.view(torch.uint8), expected.view(torch.uint8))

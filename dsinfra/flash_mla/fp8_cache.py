@@ -101,6 +101,6 @@ def dequantize_k_cache(
         )
     nope, scales, rope = split_fp8_cache(k_cache, head_dim, head_dim_v)
     out = torch.empty(*k_cache.shape[:-1], head_dim, dtype=dtype, device=k_cache.device)
-    out[..., :head_dim_v] = per_token_cast_back(nope, scales)  # float32, rounded once into dtype
+    per_token_cast_back(nope, scales, dtype, out=out[..., :head_dim_v])
     out[..., head_dim_v:] = rope
     return out
