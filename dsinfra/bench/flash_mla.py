@@ -8,6 +8,12 @@ per query head per attended token (the mean cache length; the causal mask is
 not subtracted), and bytes for q, the attended KV tokens once (576 bf16
 values, or 656 bytes in the FP8 layout) and the output. 128 heads are
 compute-bound (about 240 FLOPs per byte), 16 heads memory-bound.
+
+On a CPU, the bf16 dense cases also time PyTorch's own fused CPU flash attention
+(``aten::_scaled_dot_product_flash_attention_for_cpu``, AMX matmuls with float32
+scores) on the same query rows over the same keys laid out contiguously, padded
+to the longest sequence and masked, with nothing to gather: ``sdpa_ms`` and
+``vs_torch_sdpa`` (above 1: dsinfra is faster).
 """
 
 from __future__ import annotations
@@ -58,6 +64,27 @@ def decoding_inputs(batch, mean, heads, seq_len_q, varlen, topk, device, seed=0)
     return q, k_cache, block_table.to(device), lengths.to(device), indices
 
 
+def torch_sdpa_call(q, k_cache, block_table, cache_seqlens, causal):
+    """PyTorch's fused CPU flash attention on the inputs of one case, keys gathered
+    beforehand: the query rows of each sequence (seq_len_q x heads) over its keys,
+    V being the keys' first 512 channels (the kernel takes V as wide as K, and its
+    extra output channels are dropped, as dsinfra's CPU path does)."""
+    import torch
+
+    batch, seq_len_q, heads, head_dim = q.shape
+    longest = int(cache_seqlens.max())
+    position = torch.arange(longest)
+    slots = block_table[:, position // PAGE_BLOCK_SIZE].long() * PAGE_BLOCK_SIZE + position % PAGE_BLOCK_SIZE
+    keys = k_cache.view(-1, head_dim)[slots][:, None]  # [batch, 1, longest, head_dim]
+    before_last = (seq_len_q - 1 - torch.arange(seq_len_q)) if causal else torch.zeros(seq_len_q, dtype=torch.long)
+    last = cache_seqlens.long()[:, None] - 1 - before_last  # [batch, seq_len_q]: the last key each query sees
+    hidden = position > last[:, :, None, None]  # [batch, seq_len_q, 1, longest]
+    mask = torch.zeros(hidden.shape, dtype=q.dtype).masked_fill_(hidden, float("-inf"))
+    mask = mask.expand(batch, seq_len_q, heads, longest).reshape(batch, 1, seq_len_q * heads, longest)
+    rows = q.reshape(batch, 1, seq_len_q * heads, head_dim)
+    return lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rows, keys, keys, 0.0, False, attn_mask=mask, scale=head_dim**-0.5)
+
+
 def benchmark(ctx):
     import torch
 
@@ -78,7 +105,7 @@ def benchmark(ctx):
         moved = batch * (seq_len_q * heads * 2 * (HEAD_DIM + HEAD_DIM_V) + kv_bytes)
         name = (f"b={batch} s_k={mean}{'~' if varlen else ''} h={heads} s_q={seq_len_q}"
                 + (" causal" if causal else "") + (" fp8" if fp8 else "") + (f" topk={topk}" if topk else ""))
-        ctx.measure(
+        result = ctx.measure(
             name,
             lambda: flash_mla.flash_mla_with_kvcache(*args, **options),
             baseline=lambda: reference.flash_mla_with_kvcache(*args, HEAD_DIM**-0.5, **options),
@@ -89,6 +116,9 @@ def benchmark(ctx):
             params=dict(batch=batch, mean_seqlen=mean, heads=heads, seq_len_q=seq_len_q, varlen=varlen,
                         causal=causal, fp8=fp8, topk=topk, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V),
         )
+        if ctx.device.type == "cpu" and not fp8 and topk is None:
+            sdpa = ctx.time(torch_sdpa_call(q, k_cache, block_table, cache_seqlens, causal)).median
+            result.extra.update(sdpa_ms=sdpa * 1e3, vs_torch_sdpa=sdpa / result.time_s)
         del q, k_cache, args
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
