@@ -101,6 +101,22 @@ def test_torch_many_waves(backend_torch, monkeypatch):
     check_against_reference(inputs, causal=True)
 
 
+@pytest.mark.parametrize("fused_max_rows", [0, 1 << 20], ids=["batched-matmuls", "fused-attention"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_torch_both_ways_to_attend(backend_torch, monkeypatch, fused_max_rows, fp8):
+    """The CPU path attends through its batched matmuls or PyTorch's fused CPU
+    attention, by the rows per KV head; each way over pieces, merges, rows that
+    see nothing and a peaked softmax, whatever the head count would choose."""
+    from dsinfra.flash_mla import torch_impl
+
+    monkeypatch.setattr(torch_impl, "FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", 96)
+    inputs = paged_inputs([300, 1, 95, 0, 250], num_heads_q=64, seq_len_q=2, head_dim=64, head_dim_v=64, page_block_size=16, q_scale=3.0)
+    check_against_reference(inputs, causal=True)
+    inputs = paged_inputs([130, 1, 64], num_heads_q=16, seq_len_q=2)
+    check_against_reference(inputs, causal=True, fp8=fp8)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_torch_sparse(backend_torch, fp8):
     inputs = paged_inputs(seq_lengths(6, 200, seed=2).tolist(), num_heads_q=64, seq_len_q=2)
