@@ -135,7 +135,7 @@ def per_token_cast_back(
     check_tensor("scales", scales, dtype=torch.float32, shape=(*x_fp8.shape[:-1], _ceil_div(k, GROUP)))
     if out is None:
         out = torch.empty(x_fp8.shape, dtype=dtype, device=x_fp8.device)
-    check_tensor("out", out, dtype=dtype, shape=tuple(x_fp8.shape))
+    check_tensor("out", out, dtype=dtype, shape=tuple(x_fp8.shape), device=x_fp8.device)
     rows = math.prod(x_fp8.shape[:-1])
     _cast_back_rows(x_fp8.reshape(rows, k), scales.reshape(rows, scales.shape[-1]), out.view(rows, k))
     return out
