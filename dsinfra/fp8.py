@@ -57,9 +57,13 @@ def fp8_bits_widened(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
     out: an int16 (bfloat16) or int32 (float32) tensor of x's shape to fill, else allocated.
     Returns ``out`` viewed as ``dtype``.
     """
+    check_tensor("x", x, dtype=torch.float8_e4m3fn)
+    if dtype not in _WIDENING:
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float32; got {dtype}")
     integer, shift, mask = _WIDENING[dtype]
     if out is None:
         out = torch.empty(x.shape, dtype=integer, device=x.device)
+    check_tensor("out", out, dtype=integer, shape=tuple(x.shape), device=x.device)
     out.copy_(x.view(torch.int8))  # sign-extends
     out.mul_(1 << shift).bitwise_and_(mask)
     return out.view(dtype)
@@ -68,6 +72,7 @@ def fp8_bits_widened(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
 def fp8_to_float(x: torch.Tensor) -> torch.Tensor:
     """``x.float()`` for float8_e4m3fn x, bit for bit, NaN included; on a CPU several
     times faster than ``x.float()`` (through :func:`fp8_bits_widened`)."""
+    check_tensor("x", x, dtype=torch.float8_e4m3fn)
     if x.device.type != "cpu":
         return x.float()
     values = fp8_bits_widened(x, torch.float32).mul_(REBIAS)  # exact: a power of two

@@ -116,3 +116,17 @@ def test_chunked_casts_equal_the_plain_formula(dtype):
     expected = (blocks / block_scales[:, None, :, None]).flatten(2).flatten(0, 1)[:300, :1100].to(torch.float8_e4m3fn)
     w_fp8, w_scales = per_block_cast_to_fp8(w)
     assert torch.equal(w_scales, block_scales) and torch.equal(w_fp8.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_widening_bad_input():
+    with pytest.raises(TypeError, match="x must have dtype float8_e4m3fn"):
+        fp8_to_float(torch.zeros(3))
+    with pytest.raises(TypeError, match="dtype must be torch.bfloat16 or torch.float32"):
+        fp8_bits_widened(ALL_FP8, torch.float16)
+    with pytest.raises(TypeError, match="out must have dtype int16"):
+        fp8_bits_widened(ALL_FP8, torch.bfloat16, out=torch.zeros(256, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out must have shape"):
+        fp8_bits_widened(ALL_FP8, torch.float32, out=torch.zeros(255, dtype=torch.int32))
+    x_fp8, scales = per_token_cast_to_fp8(torch.ones(2, 256))
+    with pytest.raises(TypeError, match="out must have dtype bfloat16"):
+        per_token_cast_back(x_fp8, scales, torch.bfloat16, out=torch.empty(2, 256))
