@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from dsinfra.fp8 import FP8_MAX, REBIAS, fp8_bits_widened, fp8_to_float, per_block_cast_back, per_block_cast_to_fp8, per_token_cast_back, per_token_cast_to_fp8
+from dsinfra.fp8 import (
+    FP8_MAX,
+    REBIAS,
+    fp8_bits_widened,
+    fp8_to_float,
+    per_block_cast_back,
+    per_block_cast_to_fp8,
+    per_token_cast_back,
+    per_token_cast_to_fp8,
+)
 from dsinfra.testing import calc_diff, randn
 
 

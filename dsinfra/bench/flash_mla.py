@@ -82,7 +82,8 @@ def torch_sdpa_call(q, k_cache, block_table, cache_seqlens, causal):
     mask = torch.zeros(hidden.shape, dtype=q.dtype).masked_fill_(hidden, float("-inf"))
     mask = mask.expand(batch, seq_len_q, heads, longest).reshape(batch, 1, seq_len_q * heads, longest)
     rows = q.reshape(batch, 1, seq_len_q * heads, head_dim)
-    return lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rows, keys, keys, 0.0, False, attn_mask=mask, scale=head_dim**-0.5)
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return lambda: fused(rows, keys, keys, 0.0, False, attn_mask=mask, scale=head_dim**-0.5)
 
 
 def benchmark(ctx):

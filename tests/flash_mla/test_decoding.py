@@ -111,7 +111,8 @@ def test_torch_both_ways_to_attend(backend_torch, monkeypatch, fused_max_rows, f
 
     monkeypatch.setattr(torch_impl, "FUSED_MAX_ROWS", fused_max_rows)
     monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", 96)
-    inputs = paged_inputs([300, 1, 95, 0, 250], num_heads_q=64, seq_len_q=2, head_dim=64, head_dim_v=64, page_block_size=16, q_scale=3.0)
+    inputs = paged_inputs([300, 1, 95, 0, 250], num_heads_q=64, seq_len_q=2, head_dim=64, head_dim_v=64,
+                          page_block_size=16, q_scale=3.0)
     check_against_reference(inputs, causal=True)
     inputs = paged_inputs([130, 1, 64], num_heads_q=16, seq_len_q=2)
     check_against_reference(inputs, causal=True, fp8=fp8)
