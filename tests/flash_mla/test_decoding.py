@@ -106,7 +106,8 @@ def test_torch_many_waves(backend_torch, monkeypatch):
 def test_torch_both_ways_to_attend(backend_torch, monkeypatch, fused_max_rows, fp8):
     """The CPU path attends through its batched matmuls or PyTorch's fused CPU
     attention, by the rows per KV head; each way over pieces, merges, rows that
-    see nothing and a peaked softmax, whatever the head count would choose."""
+    see nothing, a peaked softmax, the FP8 cache and sparse indices, whatever
+    the head count would choose."""
     from dsinfra.flash_mla import torch_impl
 
     monkeypatch.setattr(torch_impl, "FUSED_MAX_ROWS", fused_max_rows)
@@ -116,6 +117,7 @@ def test_torch_both_ways_to_attend(backend_torch, monkeypatch, fused_max_rows, f
     check_against_reference(inputs, causal=True)
     inputs = paged_inputs([130, 1, 64], num_heads_q=16, seq_len_q=2)
     check_against_reference(inputs, causal=True, fp8=fp8)
+    check_against_reference(inputs, indices=sparse_indices(inputs, 2, 96), fp8=fp8)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
