@@ -99,6 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"dsinfra {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ndsinfra {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"\ndsinfra {args.command}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         return 130
