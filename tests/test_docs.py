@@ -21,6 +21,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TIMEOUT = 120  # seconds for one block, interpreter start included
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>```+)(?P<info>.*)$")
 PYTHON_LIKE = {"py", "python3", "pycon", "ipython"}  # tags that would hide a Python block from this test
+# ``...`` standing for code left out: a line of its own, a value, an argument (``x[..., :k]`` is fine)
+PLACEHOLDER = re.compile(r"^\s*\.\.\.\s*$|=\s*\.\.\.\s*$|[(,]\s*\.\.\.\s*\)")
 
 
 def fenced_blocks(text: str) -> list[tuple[int, str, str]]:
@@ -71,6 +73,20 @@ def test_python_block_runs_as_pasted(page, line, code, tmp_path):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_python_blocks_leave_nothing_out(page):
+    """A block that runs may still be a sketch that defines what it never calls
+    with values it never makes: no ``...`` in place of code."""
+    left_out = [
+        f"{page.name}:{line + offset + 1}: {code.strip()}"
+        for line, info, body in fenced_blocks(page.read_text())
+        if info == "python"
+        for offset, code in enumerate(body.splitlines())
+        if PLACEHOLDER.search(code.split("#")[0])
+    ]
+    assert not left_out, "code left out of a Python example:\n" + "\n".join(left_out)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_python_blocks_are_tagged_python(page):
     """A block tagged py, python3, ... would escape the test above."""
     tags = {info.split()[0] for _, info, _ in fenced_blocks(page.read_text()) if info}
@@ -82,3 +98,6 @@ def test_fenced_blocks_are_found_with_their_lines():
     assert fenced_blocks(text) == [(2, "python", "print(1)\n"), (8, "python", "if True:\n    print(2)\n"), (12, "bash", "ls\n")]
     with pytest.raises(ValueError, match="never closed"):
         fenced_blocks("```python\nprint(1)\n")
+    for left_out in ("q = ...", "    ...", "spawn(check, ...)"):
+        assert PLACEHOLDER.search(left_out), left_out
+    assert not PLACEHOLDER.search("scales[..., None] * x[..., :k]")
