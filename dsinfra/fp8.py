@@ -17,6 +17,15 @@ element at a time there (about 2 ns an element, slower than a bf16 matmul
 reads its operands), so :func:`fp8_bits_widened` does it with vectorised
 integer ops, and :func:`fp8_to_float` and the cast-backs build on it. The
 results are exactly those of ``x.float()``.
+
+NaN bytes. float8_e4m3fn has no infinity; ``0x7f`` and ``0xff`` are NaN.
+:func:`per_token_cast_to_fp8` and :func:`per_block_cast_to_fp8` never make them
+from finite inputs (every group is scaled into [-448, 448]), whereas a plain
+``x.to(torch.float8_e4m3fn)`` of values beyond 448 saturates to 448 or gives NaN
+bytes, depending on the PyTorch build and device. :func:`fp8_to_float` and the
+cast-backs read NaN bytes as NaN; :func:`fp8_bits_widened`, and so DeepGEMM's
+CPU path and GPU kernels that widen FP8 with integer ops (GPUs without native
+FP8), read them as ±480 times the scale, a finite number.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ REBIAS = 2.0**120  # float8_e4m3fn's exponent bias is 7, bfloat16's and float32'
 # dtype -> (integer dtype of its width, shift that moves a byte's eeee mmm to the top of the
 # exponent and mantissa fields, mask of those 7 bits and the sign bit: 0x87f0 and 0x87f00000)
 _WIDENING = {torch.bfloat16: (torch.int16, 4, -0x7810), torch.float32: (torch.int32, 20, -0x78100000)}
+_SIGN32 = -0x80000000
+_NAN32 = 0x7FF00000  # the float32 bits x.float() gives an FP8 NaN byte (its sign aside): all mantissa bits carried
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -70,8 +81,9 @@ def fp8_bits_widened(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
 
 
 def fp8_to_float(x: torch.Tensor) -> torch.Tensor:
-    """``x.float()`` for float8_e4m3fn x, bit for bit, NaN included; on a CPU several
-    times faster than ``x.float()`` (through :func:`fp8_bits_widened`)."""
+    """``x.float()`` for float8_e4m3fn x, bit for bit, NaN bytes included (as NaN
+    of their sign, with x.float()'s payload); on a CPU several times faster than
+    ``x.float()`` (through :func:`fp8_bits_widened`)."""
     check_tensor("x", x, dtype=torch.float8_e4m3fn)
     if x.device.type != "cpu":
         return x.float()
@@ -79,7 +91,8 @@ def fp8_to_float(x: torch.Tensor) -> torch.Tensor:
     if values.numel():
         smallest, largest = values.aminmax()
         if max(-float(smallest), float(largest)) > FP8_MAX:  # only NaN bytes read as ±480
-            values.masked_fill_(values.abs() == 480.0, float("nan"))
+            bits = values.view(torch.int32)
+            bits.copy_(torch.where(values.abs() == 480.0, bits.bitwise_and(_SIGN32).bitwise_or_(_NAN32), bits))
     return values
 
 
@@ -133,8 +146,8 @@ def per_token_cast_back(
 ) -> torch.Tensor:
     """The inverse of :func:`per_token_cast_to_fp8`: [..., k] in ``dtype``.
 
-    out: where to write it (x_fp8's shape, ``dtype``, viewable as [-1, k], as a slice
-    of the last dimension of a contiguous tensor is), else allocated."""
+    out: where to write it (x_fp8's shape, ``dtype``, any strides; one that cannot be
+    viewed as [-1, k], as a permuted tensor, is filled through a temporary), else allocated."""
     check_tensor("x_fp8", x_fp8, dtype=torch.float8_e4m3fn)
     k = x_fp8.shape[-1]
     check_tensor("scales", scales, dtype=torch.float32, shape=(*x_fp8.shape[:-1], _ceil_div(k, GROUP)))
@@ -142,8 +155,21 @@ def per_token_cast_back(
         out = torch.empty(x_fp8.shape, dtype=dtype, device=x_fp8.device)
     check_tensor("out", out, dtype=dtype, shape=tuple(x_fp8.shape), device=x_fp8.device)
     rows = math.prod(x_fp8.shape[:-1])
-    _cast_back_rows(x_fp8.reshape(rows, k), scales.reshape(rows, scales.shape[-1]), out.view(rows, k))
+    x_rows, row_scales = x_fp8.reshape(rows, k), scales.reshape(rows, scales.shape[-1])
+    out_rows = _rows_view(out, rows, k)
+    if out_rows is None:
+        out.copy_(_cast_back_rows(x_rows, row_scales, torch.empty(rows, k, dtype=dtype, device=out.device)).view(out.shape))
+    else:
+        _cast_back_rows(x_rows, row_scales, out_rows)
     return out
+
+
+def _rows_view(tensor: torch.Tensor, rows: int, k: int) -> torch.Tensor | None:
+    """``tensor`` viewed as [rows, k], or None where its strides allow no such view."""
+    try:
+        return tensor.view(rows, k)
+    except RuntimeError:
+        return None
 
 
 def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_bench_lists_and_writes_json(tmp_path, capsys, monkeypatch):
     path = tmp_path / "bench.json"
     assert _exit_code(["bench", "--quick", "--repeats", "1", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "registered benchmarks:\n  fake       A fake benchmark." in out and "ceilings:" in out
+    assert "registered benchmarks" not in out and "ceilings:" in out  # the list is --list's
     report = json.loads(path.read_text())
     assert report["quick"] is True and report["ceilings"]["copy_bytes_per_s"] > 0
     assert [r["case"] for r in report["results"]] == ["noop"]
@@ -73,14 +73,18 @@ def test_bench_lists_and_writes_json(tmp_path, capsys, monkeypatch):
 
 def test_bench_list_shows_the_registered_benchmarks():
     done = dsinfra("bench", "--list")
-    assert done.returncode == 0 and "registered benchmarks:" in done.stdout
+    assert done.returncode == 0 and "registered benchmarks:" in done.stdout and "  fp8 " in done.stdout
     assert "ceilings" not in done.stdout  # listing runs nothing
 
 
-def test_bench_unwritable_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("dsinfra.bench.runner.run_benchmarks", lambda *a, **k: {})
-    assert _exit_code(["bench", "--json", str(tmp_path / "missing" / "x.json")]) == 2
-    assert "No such file or directory" in capsys.readouterr().err
+@pytest.mark.parametrize("name", ["missing/x.json", "."])
+def test_bench_checks_its_json_path_before_running(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dsinfra.bench.runner.run_benchmarks", lambda *a, **k: pytest.fail("ran before checking --json"))
+    assert _exit_code(["bench", "--json", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--json {name}: " in err and "registered benchmarks" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _exit_code(args):
@@ -93,7 +97,7 @@ def _exit_code(args):
 def test_bench_report_prints_a_saved_report_in_markdown(tmp_path, capsys):
     from dsinfra.bench import Result, runner
 
-    result = Result("fake", "a case", time_s=0.002, min_time_s=0.001, baseline="naive", baseline_time_s=0.006)
+    result = Result("fake", "a case", time_s=0.002, min_time_s=0.0015, baseline="naive", baseline_time_s=0.006)
     result.derive(None)
     report = {
         "date": "2026-11-29", "device": "cpu", "machine": {"cpu": "a CPU"}, "versions": {"torch": "2.x"},
@@ -104,7 +108,16 @@ def test_bench_report_prints_a_saved_report_in_markdown(tmp_path, capsys):
     assert _exit_code(["bench", "--report", str(path), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "| case | median ms | min ms | baseline | baseline ms | speed-up |" in out
-    assert "| a case | 2 | 1 | naive | 6 | 3.00x |" in out
-    path.write_text("{}")
-    assert _exit_code(["bench", "--report", str(path)]) == 2
-    assert "not a readable benchmark report" in capsys.readouterr().err
+    assert "| a case | 2 | 1.5 | naive | 6 | 3.00x |" in out
+    for text, reason in [
+        ("{}", 'no "date"'),
+        ('{"results": []}', 'no "date"'),
+        ("[1, 2]", "a JSON list, not an object"),
+        ("{\n  oops", "line 2, column 3: Expecting property name"),
+        (json.dumps({**report, "results": [{"case": "x"}]}), "results[0] is not a benchmark result"),
+        (json.dumps({**report, "ceilings": {}}), 'no "ceilings"."copy_bytes_per_s"'),
+    ]:
+        path.write_text(text)
+        assert _exit_code(["bench", "--report", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"not a report written by bench --json ({reason}" in err, err

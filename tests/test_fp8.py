@@ -139,3 +139,30 @@ def test_widening_bad_input():
     x_fp8, scales = per_token_cast_to_fp8(torch.ones(2, 256))
     with pytest.raises(TypeError, match="out must have dtype bfloat16"):
         per_token_cast_back(x_fp8, scales, torch.bfloat16, out=torch.empty(2, 256))
+
+
+def test_fp8_to_float_keeps_the_sign_and_payload_of_nan():
+    nan_bytes = torch.tensor([0x7F, 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(fp8_to_float(nan_bytes).view(torch.int32), nan_bytes.float().view(torch.int32))
+    assert torch.equal(fp8_to_float(ALL_FP8).view(torch.int32), ALL_FP8.float().view(torch.int32))
+
+
+def test_per_token_cast_back_into_a_permuted_out():
+    x_fp8, scales = per_token_cast_to_fp8(randn(2, 3, 200, seed=7))
+    out = torch.full((3, 2, 200), float("nan"), dtype=torch.bfloat16).permute(1, 0, 2)  # no [-1, k] view
+    assert per_token_cast_back(x_fp8, scales, torch.bfloat16, out=out) is out
+    assert torch.equal(out, per_token_cast_back(x_fp8, scales, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_casts_never_make_nan_bytes_from_finite_input(dtype):
+    """Values far beyond 448 (where a plain .to(float8_e4m3fn) may give NaN bytes)
+    are scaled into range: no 0x7f / 0xff byte, and the round trip stays finite."""
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, -big, 480.0, 1e4] * 64, [1.0, -500.0, 0.0, 3.0] * 64], dtype=dtype)
+    token_fp8, token_scales = per_token_cast_to_fp8(x)
+    block_fp8, block_scales = per_block_cast_to_fp8(x)
+    for x_fp8 in (token_fp8, block_fp8):
+        assert not (x_fp8.view(torch.uint8) & 0x7F).eq(0x7F).any()
+    assert per_token_cast_back(token_fp8, token_scales).isfinite().all()
+    assert per_block_cast_back(block_fp8, block_scales).isfinite().all()

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from dsinfra.bench import runner
-from dsinfra.cli import CommandError
+from dsinfra.cli import CommandError, check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case (default 10)")
-    parser.add_argument("--markdown", action="store_true", help="print the tables in Markdown (for docs/performance.md)")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the tables in Markdown, one per component, however wide (for docs)"
+    )
     parser.add_argument("--report", metavar="PATH", help="print the tables of a saved --json report instead of running")
 
 
@@ -29,16 +31,14 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         return _print_report(args.report, args.components, args.markdown)
     modules = runner.registered()
+    if args.list:
+        print("registered benchmarks:")
+        for name, module in modules.items():
+            print(f"  {name:<10} {runner.description(module)}")
+        return 0
     unknown = [name for name in args.components if name not in modules]
     if unknown:
-        raise CommandError(f"unknown benchmark {', '.join(unknown)}; registered: {', '.join(modules) or 'none'}")
-    print("registered benchmarks:")
-    for name, module in modules.items():
-        print(f"  {name:<10} {runner.description(module)}")
-    if not modules:
-        print("  none yet")
-    if args.list:
-        return 0
+        raise CommandError(f"unknown benchmark {', '.join(unknown)}; registered: {', '.join(modules) or 'none'} (see --list)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--device cuda: no CUDA device is available here")
     if args.warmup < 0 or args.repeats < 1:
         raise CommandError("--warmup must be >= 0 and --repeats >= 1")
+    if args.json:
+        check_output("--json", args.json)
     report = runner.run_benchmarks(
         args.components or list(modules),
         device,
@@ -69,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
 def _print_report(path: str, components: list[str], markdown: bool) -> int:
     try:
         report, results = runner.read_results(path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CommandError(f"--report {path}: not a readable benchmark report ({error})") from None
+    except OSError as error:
+        raise CommandError(f"--report {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise CommandError(f"--report {path}: not a report written by bench --json ({error})") from None
     ceilings = report["ceilings"]
-    print(
-        f"{report['date']}, {report['device']}: {report['machine']['cpu']}; torch {report['versions']['torch']}; "
-        f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"
-    )
+    print(f"{report['date']}, {report['device']}: {report['machine']['cpu']}; torch {report['versions']['torch']}")
+    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
     for name in dict.fromkeys(r.component for r in results):
         if not components or name in components:
             print(f"\n{name}\n")

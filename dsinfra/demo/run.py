@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dsinfra.demo import outputs
 from dsinfra.models.serving import full_attention_logits, generate, serve_expert_parallel
 from dsinfra.models.training import TrainConfig, Trainer, build_model, global_state
 from dsinfra.testing import calc_diff
@@ -79,8 +80,6 @@ def run_rank(rank: int, world_size: int, group, options: DemoOptions) -> dict | 
     summaries = _gather(served)
     if rank != 0:
         return None
-    from dsinfra.demo import outputs
-
     return outputs.write_all(
         options,
         losses=losses,
@@ -99,7 +98,7 @@ def _train(trainer: Trainer, recorder, options: DemoOptions, rank: int) -> tuple
     for step in range(config.steps):
         start = time.perf_counter()
         if rank == 0 and step == min(options.trace_step, config.steps - 1):
-            loss = _profiled(lambda: trainer.step(step), os.path.join(options.out, "trace_train_step.json"))
+            loss = outputs.profiled(lambda: trainer.step(step), os.path.join(options.out, "trace_train_step.json"))
         else:
             loss = trainer.step(step)
         recorder.step()
@@ -107,27 +106,10 @@ def _train(trainer: Trainer, recorder, options: DemoOptions, rank: int) -> tuple
         if loss is not None:
             losses.append(loss)
         if rank == 0:
-            _progress(step + 1, config.steps, loss, seconds[-1])
+            outputs.progress(step + 1, config.steps, loss, seconds)
     if rank == 0:
         print(file=sys.stderr)
     return losses, seconds
-
-
-def _progress(done: int, total: int, loss: float | None, seconds: float) -> None:
-    width = 30
-    filled = width * done // total
-    bar = "#" * filled + "." * (width - filled)
-    print(f"\r  training [{bar}] step {done}/{total}  loss {loss:.3f}  {seconds * 1e3:.0f} ms/step", end="", file=sys.stderr, flush=True)
-
-
-def _profiled(fn, path: str):
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as profiler:
-        value = fn()
-    profiler.export_chrome_trace(path)
-    return value
 
 
 def _serve(state: dict, plan, group, options: DemoOptions, rank: int) -> dict:
@@ -152,7 +134,7 @@ def _serve(state: dict, plan, group, options: DemoOptions, rank: int) -> dict:
 
     def hook(step, run):
         if rank == 0 and step == 1:
-            return _profiled(run, os.path.join(options.out, "trace_decode_step.json"))
+            return outputs.profiled(run, os.path.join(options.out, "trace_decode_step.json"))
         return run()
 
     start = time.perf_counter()

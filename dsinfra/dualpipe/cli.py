@@ -9,14 +9,27 @@ F, B, W and F&B, p2p latency); --out draws the schedule like DualPipe's README
 figure; --trace writes a Chrome trace (chrome://tracing, ui.perfetto.dev; one
 time unit shows as 1 ms); --compare prints the bubble and memory table of all
 four schedules on the same number of stages PP (the drawn schedule's).
+
+The simulator takes at most 64 ranks and 8192 ranks x micro-batches; a
+picture at most 32 ranks and 200 time units (makespan / smallest cost).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from dsinfra.cli import CommandError
-from dsinfra.dualpipe import schedule, simulator
+from dsinfra.cli import CommandError, check_output, in_flag_terms
+from dsinfra.dualpipe import picture, schedule, simulator
+
+FLAGS = {
+    "num_ranks": "--ranks",
+    "num_chunks": "--chunks",
+    "Costs.forward": "--forward",
+    "Costs.backward": "--backward",
+    "Costs.weight": "--weight",
+    "Costs.overlapped": "--overlapped",
+    "Costs.p2p": "--p2p",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,21 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    costs = _check(args)
     try:
-        costs = simulator.Costs(args.forward, args.backward, args.weight, args.overlapped, args.p2p)
         timeline = simulator.simulate(schedule.build(args.schedule, args.ranks, args.chunks), costs, rendezvous=args.rendezvous)
     except (TypeError, ValueError) as error:
-        raise CommandError(str(error)) from None
+        raise in_flag_terms(error, FLAGS) from None
+    if args.out:
+        try:
+            picture.check_size(timeline)
+        except ValueError as error:
+            raise CommandError(f"--out {args.out}: {error}") from None
     print(f"{args.schedule}: {args.ranks} ranks, {args.chunks} micro-batches, makespan {timeline.makespan:g}")
     print(f"{'rank':>4}  {'bubble':>7}  {'activations':>11}  {'parameters':>10}")
     for rank in range(args.ranks):
         print(f"{rank:>4}  {timeline.bubble[rank]:>7.4g}  {timeline.activations[rank]:>11}  {timeline.parameters[rank]:>9}x")
     if args.out:
-        from dsinfra.dualpipe import picture
-
         try:
             picture.draw(timeline, args.out)
-        except (RuntimeError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:
             raise CommandError(f"--out {args.out}: {error}") from None
         print(f"wrote {args.out}")
     if args.trace:
@@ -63,10 +79,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.trace}")
     if args.compare:
         pp = simulator.num_stages(args.schedule, args.ranks)
-        try:
-            rows = simulator.compare(pp, args.chunks, costs, rendezvous=args.rendezvous)
-        except ValueError as error:
-            raise CommandError(f"--compare: {error}") from None
+        rows = simulator.compare(pp, args.chunks, costs, rendezvous=args.rendezvous)
         print()
         print(simulator.format_comparison(rows, pp, args.chunks, costs))
     return 0
+
+
+def _check(args: argparse.Namespace) -> simulator.Costs:
+    """Every check that needs no simulation, before any: the sizes, the costs, the output paths."""
+    for flag, value in (("--ranks", args.ranks), ("--chunks", args.chunks)):
+        if value < 1:
+            raise CommandError(f"{flag} must be >= 1; got {value}")
+    try:
+        costs = simulator.Costs(args.forward, args.backward, args.weight, args.overlapped, args.p2p)
+        simulator.check_size(args.ranks, args.chunks)
+    except ValueError as error:
+        raise in_flag_terms(error, FLAGS) from None
+    if args.compare:
+        try:
+            simulator.check_comparison(simulator.num_stages(args.schedule, args.ranks), args.chunks)
+        except ValueError as error:
+            raise CommandError(f"--compare: {in_flag_terms(error, FLAGS)}") from None
+    if args.out:
+        if args.ranks > picture.MAX_RANKS:
+            raise CommandError(f"--out: a picture holds at most {picture.MAX_RANKS} ranks; got --ranks {args.ranks}")
+        check_output("--out", args.out, picture=True)
+    if args.trace:
+        check_output("--trace", args.trace)
+    return costs

@@ -1,11 +1,21 @@
 """Draw a simulated schedule the way DualPipe's README draws it: one row per
 rank, time along the row, each compute operation a cell in its colour with the
-micro-batch number in it. matplotlib is imported only here, when drawing."""
+micro-batch number in it. matplotlib is imported only here, when drawing.
+
+A picture holds at most :data:`MAX_RANKS` rows and :data:`MAX_UNITS` time
+units (the makespan over the smallest cost) along them: beyond that the
+numbers no longer fit their cells and the file grows past what a viewer shows
+well. A Chrome trace (:mod:`dsinfra.dualpipe.trace`) has no such limit.
+"""
 
 from __future__ import annotations
 
 from dsinfra.dualpipe.schedule import B, F, FB, W
 from dsinfra.dualpipe.simulator import Timeline
+
+MAX_RANKS = 32
+MAX_UNITS = 200
+_INCHES_PER_UNIT = 0.14  # at the widest: 200 units, 29.5 inches, 4425 pixels at 150 dpi
 
 COLOURS = {
     "forward": "#f4b042",  # orange
@@ -26,7 +36,11 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
     .png, .svg, .pdf). Cells hold the micro-batch number, black for a rank's
     module 0 and white for its module 1 (DualPipe's reverse direction, the
     way back of DualPipeV's V), as in DualPipe's README figures. An overlapped
-    F&B is one bordered cell, its forward part orange and its backward part green."""
+    F&B is one bordered cell, its forward part orange and its backward part green.
+
+    Raises ValueError for a timeline larger than :data:`MAX_RANKS` ranks or
+    :data:`MAX_UNITS` time units (see :func:`check_size`)."""
+    check_size(timeline)
     try:
         import matplotlib
 
@@ -39,10 +53,11 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
         raise RuntimeError("drawing schedules needs matplotlib: pip install matplotlib") from error
 
     schedule, costs = timeline.schedule, timeline.costs
-    unit = min(c for c in (costs.forward, costs.backward - costs.weight, costs.weight) if c > 0)
-    width = max(6.0, min(60.0, 0.28 * timeline.makespan / unit + 1.5))
-    figure, axes = plt.subplots(figsize=(width, 0.42 * schedule.num_ranks + 1.3))
-    font = 7 if timeline.makespan / unit > 120 else 8
+    unit = _unit(timeline)
+    units = timeline.makespan / unit
+    inches_per_unit = 0.28 if units <= 100 else _INCHES_PER_UNIT
+    figure, axes = plt.subplots(figsize=(max(6.0, inches_per_unit * units + 1.5), 0.42 * schedule.num_ranks + 1.3))
+    font = 7 if units > 100 else 8
     outline = [withStroke(linewidth=1.6, foreground="#333333")]
 
     def label(x: float, y: float, rank: int, module: int, chunk: int, size: float) -> None:
@@ -93,6 +108,8 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
         ncol=len(handles),
         frameon=False,
         fontsize=9,
+        title=_numbers_note(schedule),
+        title_fontsize=9,
     )
     if title is None:
         bubble = max(timeline.bubble)
@@ -102,5 +119,29 @@ def draw(timeline: Timeline, path: str, *, title: str | None = None) -> None:
         )
     axes.set_title(title, fontsize=10, loc="left")
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, bbox_inches="tight")  # the canvas grows to hold the legend
     plt.close(figure)
+
+
+def _numbers_note(schedule) -> str:
+    """What the numbers in the cells mean, for the legend."""
+    if len(schedule.layout.stages[0]) == 1:
+        return "Numbers in the cells: micro-batches"
+    second = "the reverse direction" if schedule.layout.num_directions == 2 else "the way back up the V"
+    return f"Numbers in the cells: micro-batches; black on a rank's first stage, white outlined on its second ({second})"
+
+
+def _unit(timeline: Timeline) -> float:
+    """The smallest cost of a cell: the width that must still hold a number."""
+    costs = timeline.costs
+    return min((c for c in (costs.forward, costs.backward - costs.weight, costs.weight) if c > 0), default=1.0)
+
+
+def check_size(timeline: Timeline) -> None:
+    """Raise ValueError if ``timeline`` is too large to draw legibly."""
+    ranks, units = timeline.schedule.num_ranks, timeline.makespan / _unit(timeline)
+    if ranks > MAX_RANKS or units > MAX_UNITS:
+        raise ValueError(
+            f"a picture holds at most {MAX_RANKS} ranks and {MAX_UNITS} time units (makespan / smallest cost); "
+            f"this schedule has {ranks} ranks and {units:g} units: draw fewer ranks or micro-batches, or write a trace"
+        )

@@ -128,12 +128,34 @@ class Pipeline(nn.Module):
         concatenated along ``batch_dim`` (a tensor, or a tuple if the stage
         returns several; None unless ``return_outputs``). (None, None) elsewhere.
         Gradients accumulate into the modules' parameters, summed over micro-batches.
+
+        Every rank must have set the same p2p shapes and dtype and pass the same
+        ``num_chunks`` under the same grad mode: otherwise every rank raises the
+        same ValueError, naming what each rank has.
         """
+        self._check_ranks_agree(num_chunks)
         comm.check_configured()
         schedule = self.schedule(num_chunks)
         if not torch.is_grad_enabled():
             schedule = schedule.without_backward()
         return _Step(self, schedule, inputs, criterion, labels, return_outputs).run()
+
+    def _check_ranks_agree(self, num_chunks: int) -> None:
+        descriptions = comm.gather_if_different(comm.describe_step(num_chunks, torch.is_grad_enabled()), self.group, self.device)
+        if descriptions is None:
+            return
+        by_description: dict[str, list[int]] = {}
+        for group_rank, description in enumerate(descriptions):
+            pipeline_rank = self.global_ranks.index(dist.get_global_rank(self.group, group_rank))
+            by_description.setdefault(description, []).append(pipeline_rank)
+        what = "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, sorted(ranks)))}: {description}"
+            for description, ranks in sorted(by_description.items(), key=lambda item: min(item[1]))
+        )
+        raise ValueError(
+            "every pipeline rank must call set_p2p_tensor_shapes and set_p2p_tensor_dtype with the same values "
+            f"and step() with the same num_chunks and grad mode; they differ: {what}"
+        )
 
 
 class _Step:

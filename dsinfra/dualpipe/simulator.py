@@ -17,6 +17,7 @@ parameters and activations per rank) for the four schedules: :func:`compare`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 
 from dsinfra.dualpipe.schedule import B, F, FB, RECV_B, RECV_F, SEND_B, SEND_F, W, Op, Schedule, build
@@ -24,6 +25,24 @@ from dsinfra.dualpipe.schedule import B, F, FB, RECV_B, RECV_F, SEND_B, SEND_F, 
 
 class ScheduleError(ValueError):
     """A schedule that cannot run: missing inputs, crossed messages, a deadlock."""
+
+
+# The largest schedule the simulator takes: its time grows faster than the
+# number of operations (the largest allowed, DualPipeV on 64 ranks x 128
+# micro-batches, took 17 s to build and simulate on a busy 2-core AMD EPYC).
+MAX_RANKS = 64
+MAX_RANKS_X_CHUNKS = 8192
+
+
+def check_size(num_ranks: int, num_chunks: int, *, ranks_name: str = "num_ranks") -> None:
+    """Raise ValueError if a schedule of this size is beyond what :func:`simulate` takes."""
+    if num_ranks > MAX_RANKS:
+        raise ValueError(f"{ranks_name} must be <= {MAX_RANKS}, the most the simulator takes; got {num_ranks}")
+    if num_ranks * num_chunks > MAX_RANKS_X_CHUNKS:
+        raise ValueError(
+            f"{ranks_name} x num_chunks must be <= {MAX_RANKS_X_CHUNKS}, the most the simulator takes; "
+            f"got {num_ranks} x {num_chunks} = {num_ranks * num_chunks}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +63,12 @@ class Costs:
     p2p: float = 0.0
 
     def __post_init__(self):
-        for name in ("forward", "backward", "weight", "p2p"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Costs.{name} must be >= 0; got {getattr(self, name):g}")
+        for name in ("forward", "backward", "weight", "overlapped", "p2p"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Costs.{name} must be finite and >= 0; got {value:g}")
         if self.weight > self.backward:
             raise ValueError(f"Costs.weight ({self.weight:g}) must be <= Costs.backward ({self.backward:g})")
-        if self.overlapped is not None and self.overlapped < 0:
-            raise ValueError(f"Costs.overlapped must be >= 0; got {self.overlapped:g}")
 
     @property
     def forward_backward(self) -> float:
@@ -304,8 +322,10 @@ def simulate(schedule: Schedule, costs: Costs | None = None, *, rendezvous: bool
         point-to-point operations do; a schedule that completes so cannot
         deadlock on any transport.
 
-    Raises :class:`ScheduleError` if the schedule cannot run.
+    Raises :class:`ScheduleError` if the schedule cannot run, ValueError if it
+    is larger than :func:`check_size` allows.
     """
+    check_size(schedule.num_ranks, schedule.num_chunks)
     return _Simulation(schedule, costs or Costs(), rendezvous).run()
 
 
@@ -349,12 +369,18 @@ class Comparison:
     makespan: float
 
 
+def check_comparison(pp: int, num_chunks: int) -> None:
+    """Raise ValueError if :func:`compare` cannot compare the four schedules on ``pp`` stages."""
+    if pp < 2 or pp % 2:
+        raise ValueError(f"pp must be even and >= 2 to compare the four schedules; got {pp}")
+    check_size(pp, num_chunks, ranks_name="pp")
+
+
 def compare(pp: int, num_chunks: int, costs: Costs | None = None, *, rendezvous: bool = False) -> list[Comparison]:
     """Simulate the four schedules on ``pp`` stages (DualPipeV on ``pp / 2``
     ranks) and ``num_chunks`` micro-batches, as DualPipe's README compares them."""
     costs = costs or Costs()
-    if pp < 2 or pp % 2:
-        raise ValueError(f"pp must be even and >= 2 to compare the four schedules; got {pp}")
+    check_comparison(pp, num_chunks)
     rows = []
     for name in README_TABLE:
         ranks = pp // 2 if name == "dualpipev" else pp

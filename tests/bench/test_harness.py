@@ -67,3 +67,33 @@ def test_runner_reports_everything(monkeypatch, tmp_path):
     assert json.loads(path.read_text())["versions"]["torch"] == torch.__version__
     with pytest.raises(ValueError, match="unknown benchmark nope; registered: fake"):
         runner.run_benchmarks(["nope"], "cpu")
+
+
+def _result(case, time_s, min_time_s, **figures):
+    ceilings = Ceilings(copy_bytes_per_s=1e10, matmul_flops_per_s=1e12, copy_bytes=1, matmul_size=1)
+    return Result("c", case, time_s=time_s, min_time_s=min_time_s, **figures).derive(ceilings)
+
+
+def test_wide_tables_are_split_to_fit_120_columns():
+    extra = {f"component figure {i}": 1.5 for i in range(8)}
+    results = [_result("a long case name " * 3, 0.01, 0.009, flops=1e9, bytes=1e6, baseline="naive", baseline_time_s=0.02, extra=extra)]
+    plain = format_table(results)
+    assert max(len(line) for line in plain.splitlines()) <= 120
+    assert all(f"component figure {i}" in plain for i in range(8))
+    assert plain.count("a long case name") >= 3 * 2  # every part starts with the case
+    markdown = format_table(results, markdown=True)
+    assert max(len(line) for line in markdown.splitlines()) > 120  # one table, every column
+    assert "baseline: naive" in plain and "| naive |" in markdown  # one baseline: said once under a plain table
+
+
+def test_figures_a_busy_machine_disturbed_are_marked():
+    results = [
+        _result("above the ceiling", 0.001, 0.001, flops=5.895e9),
+        _result("busy", 0.578, 0.004, bytes=1e6),
+        _result("quiet", 0.010, 0.009, bytes=1e6),
+    ]
+    table = format_table(results)
+    assert "589.5%!" in table and "578~" in table and "10~" not in table
+    assert "! above the ceiling measured in this run" in table and "~ median over 1.5x the fastest call" in table
+    assert table.count("--repeats") == 2
+    assert "!" not in format_table(results[2:]) and "~" not in format_table(results[2:])

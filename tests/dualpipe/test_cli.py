@@ -35,11 +35,35 @@ def test_cost_options(capsys):
     "args, message",
     [
         (["dualpipe", "--ranks", "3"], "DualPipe needs an even number of ranks; got 3"),
-        (["dualpipev", "--ranks", "4", "--chunks", "6"], "DualPipeV needs num_chunks >= 2 * num_ranks (8)"),
-        (["zb1p", "--weight", "5"], "Costs.weight (5) must be <= Costs.backward (2)"),
+        (["dualpipev", "--ranks", "4", "--chunks", "6"], "DualPipeV needs --chunks >= 2 * --ranks (8)"),
+        (["zb1p", "--weight", "5"], "--weight (5) must be <= --backward (2)"),
         (["1f1b", "--ranks", "3", "--compare"], "--compare: pp must be even"),
+        (["1f1b", "--chunks", "0"], "--chunks must be >= 1; got 0"),
+        (["1f1b", "--forward", "nan"], "--forward must be finite and >= 0; got nan"),
+        (["1f1b", "--backward", "inf"], "--backward must be finite and >= 0; got inf"),
+        (["1f1b", "--overlapped", "nan"], "--overlapped must be finite and >= 0; got nan"),
+        (["1f1b", "--ranks", "100000"], "--ranks must be <= 64, the most the simulator takes; got 100000"),
+        (["dualpipe", "--ranks", "64", "--chunks", "256"], "--ranks x --chunks must be <= 8192, the most the simulator takes"),
+        (["dualpipe", "--ranks", "40", "--chunks", "80", "--out", "x.png"], "--out: a picture holds at most 32 ranks; got --ranks 40"),
+        (["dualpipev", "--ranks", "64", "--chunks", "128", "--compare"], "--compare: pp must be <= 64, the most the simulator takes; got 128"),
     ],
 )
 def test_errors(args, message, capsys):
     assert cli.main(["schedule", *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "missing/x.png"), ("--out", "x.bmpx"), ("--trace", "missing/x.json"), ("--trace", ".")])
+def test_output_paths_are_checked_before_the_simulation(flag, name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dsinfra.dualpipe.simulator.simulate", lambda *a, **k: pytest.fail("simulated before checking " + flag))
+    assert cli.main(["schedule", "dualpipe", flag, name]) == 2
+    assert f"{flag} {name}: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_a_picture_too_wide_to_read_is_refused(tmp_path, capsys):
+    assert cli.main(["schedule", "1f1b", "--ranks", "4", "--chunks", "80", "--out", str(tmp_path / "wide.png")]) == 2
+    assert "a picture holds at most 32 ranks and 200 time units" in capsys.readouterr().err
+    assert not (tmp_path / "wide.png").exists()

@@ -101,7 +101,13 @@ def test_broken_schedules_are_rejected():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"forward": -1}, "forward must be >= 0"), ({"weight": 3}, "weight \\(3\\) must be <= Costs.backward"), ({"overlapped": -2}, "overlapped")],
+    [
+        ({"forward": -1}, "forward must be finite and >= 0"),
+        ({"weight": 3}, "weight \\(3\\) must be <= Costs.backward"),
+        ({"overlapped": -2}, "overlapped"),
+        ({"backward": float("nan")}, "backward must be finite and >= 0; got nan"),
+        ({"p2p": float("inf")}, "p2p must be finite and >= 0; got inf"),
+    ],
 )
 def test_bad_costs(kwargs, message):
     with pytest.raises(ValueError, match=message):
