@@ -69,3 +69,14 @@ def run_hidden_sitecustomize(path: str) -> None:
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is not None and spec.loader is not None:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def main() -> int:
+    """``python -m dsinfra.run_aliased``: ``python -m dsinfra run`` without loading the other commands."""
+    parser = argparse.ArgumentParser(prog="python -m dsinfra run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
