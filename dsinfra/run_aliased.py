@@ -73,7 +73,9 @@ def run_hidden_sitecustomize(path: str) -> None:
 
 def main() -> int:
     """``python -m dsinfra.run_aliased``: ``python -m dsinfra run`` without loading the other commands."""
-    parser = argparse.ArgumentParser(prog="python -m dsinfra run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dsinfra run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args())
 

@@ -166,7 +166,7 @@ def run_case(case: Case, cache: Path, mirror: str | None, rules: Sequence[rules_
     (cache / "logs").mkdir(parents=True, exist_ok=True)
     logs = [cache / "logs" / (slug if case.nodes == 1 else f"{slug}.node{node}") for node in range(case.nodes)]
     result.logs = [str(log.with_suffix(suffix)) for log in logs for suffix in (".out", ".err")]
-    limit = min(case.timeout, timeout or case.timeout)
+    limit = timeout or case.timeout
     result.result, result.seconds = launch(case, prepared, directory, logs, limit)
     printed = "\n".join(log.with_suffix(".out").read_text(errors="replace") for log in logs)
     errors = "\n".join(log.with_suffix(".err").read_text(errors="replace") for log in logs)
@@ -196,7 +196,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def results_table(results: Sequence[Result]) -> str:
     rows = [
-        (f"{r.repo} {r.file}" + (f" [{r.label}]" if r.label else ""), f"{r.commit} ({r.when})", r.result, format_seconds(r.seconds), r.detail)
+        (f"{r.repo} {r.file}" + (f" [{r.label}]" if r.label else ""), f"{r.commit} ({r.when})",
+         r.result, format_seconds(r.seconds), r.detail)
         for r in results
     ]
     return markdown_table(("upstream file", "commit", "result", "time", "detail"), rows)
@@ -219,11 +220,21 @@ def default_cache() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upstream-conformance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=default_cache(), help="where repositories, adapted files and logs go (default: %(default)s)")
-    parser.add_argument("--mirror", help="clone from local repositories instead of GitHub: a path with {repo} in it, or a directory holding <Repo>")
-    parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN", help="run the cases whose names match (shell patterns, e.g. 'DualPipe*')")
-    parser.add_argument("--timeout", type=float, help="cap every case's timeout at this many seconds")
+    parser = argparse.ArgumentParser(
+        prog="upstream-conformance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=default_cache(), help="where repositories, adapted files and logs go (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--mirror", help="clone from local repositories instead of GitHub: a path with {repo} in it, or a directory holding <Repo>"
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="PATTERN", help="run the cases whose names match (shell patterns, e.g. 'DualPipe*')"
+    )
+    parser.add_argument(
+        "--timeout", type=float, help="every case's timeout in seconds (default: each case's own, sized for a quiet 2-core machine)"
+    )
     parser.add_argument("--json", type=Path, help="where to write the results (default: CACHE/results.json)")
     parser.add_argument("--list", action="store_true", help="list the cases and stop")
     parser.add_argument("--rules", action="store_true", help="print the adaptation rules and stop")

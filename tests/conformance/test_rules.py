@@ -96,8 +96,14 @@ def test_patch_replaces_names_and_skips_missing_modules(monkeypatch):
     helper = types.ModuleType("fake_helpers")
     helper.inner = types.SimpleNamespace(bench=None)
     monkeypatch.setitem(sys.modules, "fake_helpers", helper)
-    standins.patch({"fake_helpers.inner.bench": "bench", "fake_helpers.sync": "no_op", "no_such_module.timer": "do_bench"})
-    assert helper.inner.bench is standins.bench and helper.sync is standins.no_op
+    standins.patch({
+        "fake_helpers.inner.bench": "bench", "fake_helpers.sync": "no_op", "fake_helpers.seed": "no_op",
+        "fake_helpers.Event": "WallClockEvent", "no_such_module.timer": "do_bench",
+    })
+    assert helper.inner.bench.__code__ is standins.bench.__code__ and helper.inner.bench(lambda: None)[0] >= 0
+    assert helper.sync.__code__ is helper.seed.__code__ is standins.no_op.__code__
+    assert helper.sync is not helper.seed  # one function object per patched name (torch's compiler insists)
+    assert helper.Event is standins.WallClockEvent
 
 
 def test_timers_keep_the_shapes_of_what_they_replace():

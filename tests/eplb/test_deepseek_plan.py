@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from dsinfra.eplb import logical_to_physical_map, rebalance_experts
 from dsinfra.testing import generator
 from tests.eplb.plans import check_plan
+from tests.eplb.test_planner import problems
 
 README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
@@ -122,29 +123,11 @@ def read_plan(weight, num_replicas, num_groups, num_nodes, num_gpus, plan):
     return phy2log, log2phy, logcnt
 
 
-@st.composite
-def problems(draw):
-    """Random valid arguments, both policies; loads with many ties or none."""
-    num_nodes = draw(st.integers(1, 3))
-    num_gpus = num_nodes * draw(st.integers(1, 3))
-    num_groups = draw(st.sampled_from([num_nodes * draw(st.integers(1, 3)), draw(st.integers(1, 5))]))
-    num_experts = num_groups * draw(st.integers(1, 4))
-    num_replicas = num_gpus * (-(-num_experts // num_gpus) + draw(st.integers(0, 2)))
-    if num_groups % num_nodes == 0 and num_replicas % num_nodes:
-        num_replicas *= num_nodes
-    shape = (draw(st.integers(1, 3)), num_experts)
-    gen = generator(draw(st.integers(0, 2**16)))
-    dtype = draw(st.sampled_from([torch.int64, torch.float32, torch.float64, torch.bfloat16]))
-    weight = torch.randint(0, draw(st.sampled_from([1, 3, 1000])), shape, generator=gen) if dtype == torch.int64 else (
-        torch.rand(shape, generator=gen, dtype=torch.float64) * 100
-    ).to(dtype)
-    return weight, num_replicas, num_groups, num_nodes, num_gpus
-
-
 @settings(max_examples=150)
-@given(problems(), st.sampled_from(PLANS))
-def test_matches_a_plain_reading_of_deepseeks_algorithm(problem, plan):
+@given(problems(), st.sampled_from(PLANS), st.sampled_from([torch.int64, torch.float32, torch.float64, torch.bfloat16]))
+def test_matches_a_plain_reading_of_deepseeks_algorithm(problem, plan, dtype):
     weight, *args = problem
+    weight = weight.to(dtype)
     got = rebalance_experts(weight, *args, plan=plan)
     expected = read_plan(weight, *args, plan)
     for name, a, b in zip(("phy2log", "log2phy", "logcnt"), got, expected):
