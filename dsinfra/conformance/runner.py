@@ -107,10 +107,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(case: Case, prepared: Prepared, cwd: Path, logs: list[Path], timeout: float) -> tuple[str, float]:
-    """Run the case's processes, one per node, each writing its stdout and
-    stderr to ``logs[node]`` with ``.out`` and ``.err`` suffixes; returns
-    (pass, fail or timeout, seconds). A failed node ends the others."""
+def launch(case: Case, prepared: Prepared, cwd: Path, outputs: list[tuple[Path, Path]], timeout: float) -> tuple[str, float]:
+    """Run the case's processes, one per node, node ``i`` writing its stdout
+    and stderr to the files ``outputs[i]``; returns (pass, fail or timeout,
+    seconds). A failed node ends the others."""
     dsinfra_root = os.path.dirname(os.path.dirname(os.path.abspath(dsinfra.__file__)))
     environment = {
         **os.environ,
@@ -122,9 +122,9 @@ def launch(case: Case, prepared: Prepared, cwd: Path, logs: list[Path], timeout:
     command = [sys.executable, "-m", "dsinfra.run_aliased", str(prepared.entry), *case.args]  # python -m dsinfra run
     start = time.perf_counter()
     processes = []
-    for node, log in enumerate(logs):
+    for node, (stdout, stderr) in enumerate(outputs):
         node_env = environment if case.nodes == 1 else {**environment, "WORLD_SIZE": str(case.nodes), "RANK": str(node)}
-        with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        with open(stdout, "w") as out, open(stderr, "w") as err:
             processes.append(subprocess.Popen(command, cwd=cwd, env=node_env, stdout=out, stderr=err, start_new_session=True))
     outcome = None
     while outcome is None:
@@ -164,12 +164,13 @@ def run_case(case: Case, cache: Path, mirror: str | None, rules: Sequence[rules_
         return result
     result.rules = prepared.rules
     (cache / "logs").mkdir(parents=True, exist_ok=True)
-    logs = [cache / "logs" / (slug if case.nodes == 1 else f"{slug}.node{node}") for node in range(case.nodes)]
-    result.logs = [str(log.with_suffix(suffix)) for log in logs for suffix in (".out", ".err")]
+    names = [slug] if case.nodes == 1 else [f"{slug}.node{node}" for node in range(case.nodes)]
+    outputs = [(cache / "logs" / f"{name}.out", cache / "logs" / f"{name}.err") for name in names]
+    result.logs = [str(path) for pair in outputs for path in pair]
     limit = timeout or case.timeout
-    result.result, result.seconds = launch(case, prepared, directory, logs, limit)
-    printed = "\n".join(log.with_suffix(".out").read_text(errors="replace") for log in logs)
-    errors = "\n".join(log.with_suffix(".err").read_text(errors="replace") for log in logs)
+    result.result, result.seconds = launch(case, prepared, directory, outputs, limit)
+    printed = "\n".join(stdout.read_text(errors="replace") for stdout, _ in outputs)
+    errors = "\n".join(stderr.read_text(errors="replace") for _, stderr in outputs)
     if result.result == "pass" and prepared.expected_output is not None:
         printed = "\n".join(line.rstrip() for line in printed.strip().splitlines())
         if printed != prepared.expected_output:

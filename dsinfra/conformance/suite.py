@@ -81,9 +81,9 @@ CASES: list[Case] = [
         label="2 nodes x 8 ranks, 512 tokens", nodes=2, timeout=7200.0,
     ),
     # DualPipe
-    Case("DualPipe", "092151c", "example.py", FEB, timeout=1800.0),
-    Case("DualPipe", "3da1bbe", "examples/example_dualpipe.py", MAIN, timeout=1800.0),
-    Case("DualPipe", "3da1bbe", "examples/example_dualpipev.py", MAIN, timeout=1800.0),
+    Case("DualPipe", "092151c", "example.py", FEB),
+    Case("DualPipe", "3da1bbe", "examples/example_dualpipe.py", MAIN),
+    Case("DualPipe", "3da1bbe", "examples/example_dualpipev.py", MAIN),
     # EPLB
     Case("EPLB", "3079d71", "README.md", FEB, timeout=300.0),
     Case("EPLB", "d52c72d", "README.md", MAIN, timeout=300.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,8 @@ def test_all_gather_into_a_stacked_output_on_gloo():
         assert bool((stacked == 1).all())
     finally:
         dist.destroy_process_group()
+
+
+def test_the_compatibility_page_lists_every_rule():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "compatibility.md").read_text()
+    assert [rule.name for rule in RULES if f"| {rule.name} |" not in page] == []

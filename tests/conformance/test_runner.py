@@ -77,6 +77,10 @@ def test_runner_end_to_end(tmp_path):
     assert open(ok.logs[0]).read() == "ok ['--flag']\n"
     assert not (cache / "work" / f"Toy@{commit}_tests_test_ok.py_flagged_" / "toy").exists()
     assert two_nodes.detail == "ValueError: node 1 of 2 fails" and two_nodes.seconds < 60
+    assert [log.rpartition("/")[2] for log in two_nodes.logs] == [
+        f"Toy@{commit}_tests_test_two_nodes.py.node{node}.{kind}" for node in (0, 1) for kind in ("out", "err")
+    ]
+    assert open(two_nodes.logs[1]).read() == "" and "node 1 of 2 fails" in open(two_nodes.logs[3]).read()
     assert slow.detail == "no result within 1 s"
     assert missing.detail.startswith("Toy from") and "has no commit 0000000" in missing.detail
 
