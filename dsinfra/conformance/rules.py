@@ -145,6 +145,18 @@ RULES: list[Rule] = [
         pattern=r"TestParam\(128,", replacement="TestParam(16,", required=True,
     ),
     Replace(
+        "deep-gemm-dense-tokens", "size: 1024 rows (tokens) instead of 4096 in the largest dense GEMMs (each takes "
+        "minutes on a CPU); N, K and the tolerance stay upstream's", ("DeepGEMM@fbec9e5:tests/test_core.py",),
+        pattern=r"for m in \(64, 128, 4096\):", replacement="for m in (64, 128, 1024):", required=True,
+    ),
+    Replace(
+        "deep-gemm-grouped-tokens", "size: 1024 and 512 rows per group instead of 8192 and 4096 in the contiguous "
+        "grouped GEMMs (still multiples of the 128-row alignment); groups, N, K and the tolerance stay upstream's",
+        ("DeepGEMM@fbec9e5:tests/test_core.py",),
+        pattern=r"\(\(4, 8192, 7168, 4096\), \(4, 8192, 2048, 7168\), \(8, 4096, 7168, 4096\), \(8, 4096, 2048, 7168\)\)",
+        replacement="((4, 1024, 7168, 4096), (4, 1024, 2048, 7168), (8, 512, 7168, 4096), (8, 512, 2048, 7168))", required=True,
+    ),
+    Replace(
         "deep-ep-internode-tokens", "size: 512 tokens per rank instead of 4096 on 16 ranks (the hidden size, experts "
         "and top-k stay upstream's)", ("DeepEP@77bb07a:tests/test_internode.py",),
         pattern=r"num_tokens, hidden, num_topk_groups, num_topk, num_experts = 4096,",
