@@ -25,6 +25,7 @@ COMMANDS = {
     "eplb": ("dsinfra.eplb.cli", "plan expert replication and placement from a file of expert loads"),
     "demo": ("dsinfra.demo.cli", "train and serve a small DeepSeek-V3-style model through every component"),
     "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
+    "run": ("dsinfra.run_aliased", "run a script written for DeepSeek's originals, their imports resolving to dsinfra"),
 }
 
 

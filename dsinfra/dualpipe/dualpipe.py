@@ -16,7 +16,9 @@ class DualPipe(Pipeline):
     and ``P - 1``, and the labels of rank 0's inputs to rank ``P - 1`` (and
     vice versa), where their losses and outputs are returned.
 
-    modules: this rank's two stages, on one device (CUDA with NCCL, CPU with gloo).
+    modules: this rank's two stages, on one device (CUDA with NCCL, CPU with gloo):
+        a tuple or list of two modules, or an ``nn.Sequential`` / ``nn.ModuleList``
+        of two (as DeepSeek's examples pass them).
     batch_dim: the dimension of the inputs and labels to split into micro-batches.
     process_group: the pipeline's ranks (default: the whole world).
     rank_mapping: ``rank_mapping[group rank] = pipeline rank`` (default: the same).

@@ -50,6 +50,22 @@ def _device_of(modules: Sequence[nn.Module], group: dist.ProcessGroup) -> torch.
     return device
 
 
+def _module_pair(modules) -> tuple[nn.Module, nn.Module]:
+    """This rank's two stages, from any container of exactly two modules: a
+    tuple or list, or an ``nn.Sequential`` / ``nn.ModuleList`` (what DeepSeek's
+    examples pass), whose children are the two stages."""
+    if isinstance(modules, (nn.Sequential, nn.ModuleList)) or (
+        isinstance(modules, Sequence) and not isinstance(modules, (str, bytes))
+    ):
+        pair = tuple(modules)
+        if len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair):
+            return pair
+    raise ValueError(
+        "modules must be two nn.Modules, this rank's two stages (a tuple, a list, or an nn.Sequential "
+        f"or nn.ModuleList of two); got {modules!r}"
+    )
+
+
 class Pipeline(nn.Module):
     """What DualPipe and DualPipeV share: this rank's two modules, the process
     group and the order of its ranks, and ``step()``. A subclass gives the
@@ -59,7 +75,7 @@ class Pipeline(nn.Module):
 
     def __init__(
         self,
-        modules: Sequence[nn.Module],
+        modules: Sequence[nn.Module] | nn.Sequential | nn.ModuleList,
         batch_dim: int = 0,
         process_group: dist.ProcessGroup | None = None,
         rank_mapping: Sequence[int] | None = None,
@@ -68,8 +84,7 @@ class Pipeline(nn.Module):
         name = type(self).__name__
         if not dist.is_initialized():
             raise ValueError(f"{name} needs torch.distributed initialised (torch.distributed.init_process_group) first")
-        if isinstance(modules, nn.Module) or len(modules) != 2 or not all(isinstance(m, nn.Module) for m in modules):
-            raise ValueError(f"modules must be two nn.Modules, this rank's two stages; got {modules!r}")
+        modules = _module_pair(modules)
         self.module = nn.ModuleList(modules)
         module_type = type(modules[0])
         self.overlapped_forward_backward = type(modules[1]) is module_type and hasattr(module_type, "overlapped_forward_backward")

@@ -20,19 +20,23 @@ SWAP_PARTNERS = 8
 MIN_GAIN = 1e-12
 
 
-def greedy_pack(weights: np.ndarray, num_packs: int) -> np.ndarray:
+def greedy_pack(weights: np.ndarray, num_packs: int, order: np.ndarray | None = None) -> np.ndarray:
     """DeepSeek's balanced packing: items heaviest first (equal weights: lower
     index first), each into the lightest pack that still has room (equal loads:
-    lower pack first). Slots fill in placement order.
+    lower pack first). Slots fill in placement order. Pack loads add up in
+    ``weights``' dtype.
 
-    weights: [rows, num_items], float64. Returns slots: [rows, num_packs, num_items // num_packs], int64.
+    weights: [rows, num_items], float64 or float32; order: [rows, num_items],
+    int64, the items heaviest first, if given (any order of equal weights).
+    Returns slots: [rows, num_packs, num_items // num_packs], int64.
     """
     rows, num_items = weights.shape
     per_pack = num_items // num_packs
     row = np.arange(rows)
-    order = np.argsort(-weights, axis=1, kind="stable")
+    if order is None:
+        order = np.argsort(-weights, axis=1, kind="stable")
     sorted_weights = np.take_along_axis(weights, order, 1)
-    pack_loads = np.zeros((rows, num_packs))  # +inf once a pack is full
+    pack_loads = np.zeros((rows, num_packs), dtype=weights.dtype)  # +inf once a pack is full
     filled = np.zeros((rows, num_packs), dtype=np.int64)
     slots = np.empty((rows, num_packs, per_pack), dtype=np.int64)
     for step in range(num_items):

@@ -20,15 +20,17 @@ heaviest GPU heavier than in DeepSeek's plan, so no layer's is.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from dsinfra.eplb import packing, replication
+from dsinfra.eplb import deepseek_plan, packing, replication
 from dsinfra.validation import check_divisible, check_positive, check_tensor
 
 
 def rebalance_experts(
-    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, plan: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry point of the expert-parallel load balancer (DeepSeek EPLB's API).
 
@@ -40,6 +42,14 @@ def rebalance_experts(
     num_nodes: server nodes (fast links inside a node); must divide ``num_gpus``.
     num_gpus: GPUs, ``num_gpus // num_nodes`` per node.
 
+    plan: which plan to make (default: the ``DSINFRA_EPLB_PLAN`` environment
+        variable, else ``"balanced"``). ``"balanced"``: dsinfra's, whose
+        heaviest GPU is never heavier than in DeepSeek's plan and often
+        lighter. ``"deepseek"``: DeepSeek's plan exactly, as its ``eplb.py``
+        computes it since 2025-03-21; ``"deepseek-2025-02"``: as its first
+        release did (they differ under the global policy only). See
+        :mod:`dsinfra.eplb.deepseek_plan`.
+
     When ``num_nodes`` divides ``num_groups`` the hierarchical policy keeps every
     group on one node and replicates within nodes; otherwise the global policy
     replicates and places across all GPUs.
@@ -50,14 +60,32 @@ def rebalance_experts(
         log2phy: [num_layers, num_logical_experts, max_replicas], int64: the slots
             of every logical expert in ascending order, padded with -1.
         logcnt: [num_layers, num_logical_experts], int64: replica counts, each >= 1.
+        (DeepSeek's plans order each expert's slots in log2phy as its ``eplb.py``
+        does: first replica first.)
     """
+    plan = _chosen_plan(plan)
     loads = _checked_loads(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    if plan != "balanced":
+        return deepseek_plan.deepseek_plan(weight, num_replicas, num_groups, num_nodes, num_gpus, plan)
     if num_groups % num_nodes:  # the global policy: one group on one node
         num_groups = num_nodes = 1
     group_loads = loads.view(loads.shape[0], num_groups, -1).sum(2)
     phy2log = torch.from_numpy(place(loads.numpy(), group_loads.numpy(), num_replicas, num_nodes, num_gpus))
     log2phy, logcnt = logical_to_physical_map(phy2log, loads.shape[1])
     return phy2log, log2phy, logcnt
+
+
+PLANS = ("balanced", *deepseek_plan.RELEASES)
+
+
+def _chosen_plan(plan: str | None) -> str:
+    if plan is None:
+        plan = os.environ.get("DSINFRA_EPLB_PLAN", "balanced")
+        if plan not in PLANS:
+            raise ValueError(f"DSINFRA_EPLB_PLAN must be one of {', '.join(PLANS)}; got {plan!r}")
+    elif plan not in PLANS:
+        raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
+    return plan
 
 
 def _checked_loads(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:

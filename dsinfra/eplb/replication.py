@@ -26,11 +26,12 @@ def greedy_order(loads: np.ndarray, num_replicas: int) -> np.ndarray:
     the ``num_replicas - num_experts`` extra replicas, in order. Each goes to the
     expert with the largest load per replica (equal: lowest index).
 
-    loads: [rows, num_experts], float64. Returns [rows, num_replicas - num_experts], int64.
+    loads: [rows, num_experts], float64 or float32 (loads per replica are
+    divided in that dtype). Returns [rows, num_replicas - num_experts], int64.
     """
     rows, num_experts = loads.shape
     row = np.arange(rows)
-    counts = np.ones((rows, num_experts), dtype=np.int64)
+    counts = np.ones((rows, num_experts), dtype=loads.dtype)
     per_replica = loads.copy()
     order = np.empty((rows, num_replicas - num_experts), dtype=np.int64)
     for step in range(num_replicas - num_experts):

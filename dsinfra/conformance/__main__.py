@@ -1,0 +1,3 @@
+from dsinfra.conformance.runner import main
+
+raise SystemExit(main())

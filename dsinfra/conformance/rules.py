@@ -1,0 +1,242 @@
+"""The adaptations that let DeepSeek's tests run on dsinfra, as data: each a
+named rule with the reason it changes no check, applied to the upstream files
+it names.
+
+A file is named ``Repo@commit:path`` (``DeepEP@77bb07a:tests/utils.py``);
+a rule's ``files`` are shell-style patterns over those names. Three kinds:
+
+- :class:`Replace`: a regular expression substitution in every matching
+  Python file the runner extracts (the test and its helpers). A replacement
+  may never touch a line of an ``assert`` statement: :func:`adapt_source`
+  refuses it. ``required`` rules must match in every file they name, so that
+  a rule gone stale with a new upstream commit says so.
+- :class:`Patch`: before the test's own code runs, a dotted name (say
+  ``torch.cuda.synchronize``) is replaced by a stand-in from
+  :mod:`dsinfra.conformance.standins`.
+- :class:`Environment`: variables set for the run.
+
+Imports need no rule: the runner runs every file under ``python -m dsinfra
+run``, so ``flash_mla``, ``deep_gemm``, ``deep_ep``, ``dualpipe`` and
+``eplb`` are dsinfra's (:mod:`dsinfra.alias`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Sequence
+
+
+class RuleError(ValueError):
+    """A rule that cannot be applied as written (it touches an assertion, or a required match is missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    why: str
+    files: tuple[str, ...]
+
+    def applies_to(self, file: str) -> bool:
+        return any(fnmatch.fnmatchcase(file, pattern) for pattern in self.files)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replace(Rule):
+    pattern: str = ""
+    replacement: str = ""
+    required: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch(Rule):
+    stand_ins: tuple[tuple[str, str], ...] = ()  # (dotted name, stand-in in dsinfra.conformance.standins)
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment(Rule):
+    variables: tuple[tuple[str, str], ...] = ()
+
+
+ALL = ("*",)
+TIMING = "timing: a stand-in measures the wall clock and runs the function once; timings are printed, never checked"
+
+RULES: list[Rule] = [
+    # -- device -------------------------------------------------------------
+    Replace(
+        "cuda-device-strings", "device: dsinfra runs the same computation on the CPU; no check depends on the device's name",
+        ALL, pattern=r"(?<![\w.])f?(['\"])cuda(?::[^'\"]*)?\1", replacement="'cpu'",
+    ),
+    Patch(
+        "cuda-device-calls", "device: device selection, seeding of CUDA's generators (the tests seed the CPU's as well), "
+        "synchronisation, memory statistics and profiler ranges have nothing to do on a CPU; .cuda() leaves a tensor where it is",
+        ALL, stand_ins=(
+            ("torch.cuda.set_device", "no_op"), ("torch.cuda.synchronize", "no_op"),
+            ("torch.cuda.manual_seed", "no_op"), ("torch.cuda.manual_seed_all", "no_op"),
+            ("torch.cuda.reset_peak_memory_stats", "no_op"),
+            ("torch.cuda.nvtx.range_push", "no_op"), ("torch.cuda.nvtx.range_pop", "no_op"),
+            ("torch.Tensor.cuda", "stay_on_cpu"),
+        ),
+    ),
+    Patch(
+        "hopper-capability", "device: the tests pick their cases by GPU generation; dsinfra answers sm90, the Hopper "
+        "GPUs they were written for, so the Hopper cases run (no kernel is compiled for it)",
+        ALL, stand_ins=(("torch.cuda.get_device_capability", "hopper_capability"),),
+    ),
+    Patch(
+        "devices-are-ranks", "launcher: tests that start one process per GPU start one per device count "
+        "(DSINFRA_CONFORMANCE_DEVICES, default 8: one node)", ALL,
+        stand_ins=(("torch.cuda.device_count", "device_count"),),
+    ),
+    Replace(
+        "nccl-to-gloo", "communication: gloo is torch.distributed's CPU backend; the same collectives, the same results",
+        ALL, pattern=r"(['\"])nccl\1", replacement="'gloo'",
+    ),
+    Patch(
+        "stacked-all-gather", "communication: NCCL's all_gather_into_tensor also fills an output of the ranks' "
+        "tensors stacked, gloo's only one concatenated along dimension 0; the stacked output is passed as the "
+        "concatenated view of the same memory: the same bytes arrive in the same places",
+        ALL, stand_ins=(("torch.distributed.all_gather_into_tensor", "all_gather_into_tensor"),),
+    ),
+    Replace(
+        "machine-threads", "speed: the machine's own thread count instead of a fixed one (32 threads on fewer cores only slow down)",
+        ALL, pattern=r"torch\.set_num_threads\(\s*\d+\s*\)", replacement="torch.set_num_threads(torch.get_num_threads())",
+    ),
+    # -- timing -------------------------------------------------------------
+    Patch(
+        "wall-clock-timers", TIMING, ALL,
+        stand_ins=(("torch.cuda.Event", "WallClockEvent"), ("triton.testing.do_bench", "do_bench")),
+    ),
+    Patch(
+        "deep-ep-test-timers", TIMING, ("DeepEP@77bb07a:tests/test_*.py",),
+        stand_ins=(("utils.bench", "bench"), ("utils.bench_kineto", "bench_kineto")),
+    ),
+    Patch(
+        "deep-ep-library-timers", TIMING, ("DeepEP@*:tests/legacy/test_*.py",),
+        stand_ins=(("deep_ep.utils.testing.bench", "bench"), ("deep_ep.utils.testing.bench_kineto", "bench_kineto")),
+    ),
+    Patch(
+        "deep-gemm-timers", TIMING, ("DeepGEMM@*:tests/test_*.py",),
+        stand_ins=(
+            ("deep_gemm.bench_kineto", "bench_kineto"),
+            ("deep_gemm.testing.bench_kineto", "bench_kineto"), ("deep_gemm.testing.bench", "bench_seconds"),
+        ),
+    ),
+    Patch(
+        "flash-mla-kernelkit-timers", TIMING, ("FlashMLA@*:tests/test_*.py",),
+        stand_ins=(("kernelkit.bench_kineto", "kernelkit_bench_kineto"), ("kernelkit.bench_by_cuda_events", "bench_by_events")),
+    ),
+    Environment(
+        "no-cooldown", "timing: FlashMLA's pause between cases lets a GPU cool down; its own switch turns it off",
+        ("FlashMLA@*:tests/test_*.py",), variables=(("NO_COOLDOWN", "1"),),
+    ),
+    # -- sizes --------------------------------------------------------------
+    Replace(
+        "flash-mla-batch-16", "size: batches of 16 instead of 128 (hours on a CPU otherwise); the sequence lengths, "
+        "head counts and tolerances stay upstream's",
+        ("FlashMLA@1aef31d:tests/test_flash_mla.py",), pattern=r"for b in \[128\]", replacement="for b in [16]", required=True,
+    ),
+    Replace(
+        "flash-mla-test-param-batch-16", "size: batches of 16 instead of 128 in the corner and performance cases "
+        "(hours on a CPU otherwise); lengths, heads and tolerances stay upstream's",
+        ("FlashMLA@1858932:tests/test_flash_mla_decoding.py", "FlashMLA@9241ae3:tests/test_flash_mla_dense_decoding.py"),
+        pattern=r"TestParam\(128,", replacement="TestParam(16,", required=True,
+    ),
+    Replace(
+        "deep-gemm-dense-tokens", "size: 1024 rows (tokens) instead of 4096 in the largest dense GEMMs (each takes "
+        "minutes on a CPU); N, K and the tolerance stay upstream's", ("DeepGEMM@fbec9e5:tests/test_core.py",),
+        pattern=r"for m in \(64, 128, 4096\):", replacement="for m in (64, 128, 1024):", required=True,
+    ),
+    Replace(
+        "deep-gemm-grouped-tokens", "size: 1024 and 512 rows per group instead of 8192 and 4096 in the contiguous "
+        "grouped GEMMs (still multiples of the 128-row alignment); groups, N, K and the tolerance stay upstream's",
+        ("DeepGEMM@fbec9e5:tests/test_core.py",),
+        pattern=r"\(\(4, 8192, 7168, 4096\), \(4, 8192, 2048, 7168\), \(8, 4096, 7168, 4096\), \(8, 4096, 2048, 7168\)\)",
+        replacement="((4, 1024, 7168, 4096), (4, 1024, 2048, 7168), (8, 512, 7168, 4096), (8, 512, 2048, 7168))", required=True,
+    ),
+    Replace(
+        "deep-ep-internode-tokens", "size: 512 tokens per rank instead of 4096 on 16 ranks (the hidden size, experts "
+        "and top-k stay upstream's)", ("DeepEP@77bb07a:tests/test_internode.py",),
+        pattern=r"num_tokens, hidden, num_topk_groups, num_topk, num_experts = 4096,",
+        replacement="num_tokens, hidden, num_topk_groups, num_topk, num_experts = 512,", required=True,
+    ),
+    Environment(
+        "dualpipe-four-devices", "size: the examples run once for each rank count up to the number of GPUs "
+        "(DualPipe: even counts); with 4 devices, on 4 and 2 ranks (DualPipeV: 4, 3, 2 and 1)",
+        ("DualPipe@*",), variables=(("DSINFRA_CONFORMANCE_DEVICES", "4"),),
+    ),
+    # -- results --------------------------------------------------------------
+    Environment(
+        "eplb-deepseek-plan", "results: the README prints DeepSeek's own plan; dsinfra makes it when asked "
+        "(its default plan balances GPUs better, and differs)", ("EPLB@*:README.md",),
+        variables=(("DSINFRA_EPLB_PLAN", "deepseek"),),
+    ),
+]
+
+
+def applying(rules: Sequence[Rule], file: str, kind: type[Rule]) -> list:
+    """The rules of ``kind`` that apply to ``file``, in order."""
+    return [rule for rule in rules if isinstance(rule, kind) and rule.applies_to(file)]
+
+
+def assert_lines(source: str) -> set[int]:
+    """Line numbers (1-based) of every ``assert`` statement in ``source``."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assert):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def adapt_source(source: str, file: str, rules: Sequence[Rule]) -> tuple[str, list[str]]:
+    """``source`` of ``file`` with its :class:`Replace` rules applied, and the
+    names of the rules that changed it. Raises :class:`RuleError` if a rule
+    would touch an assertion, or a required rule does not match."""
+    applied = []
+    for rule in applying(rules, file, Replace):
+        guarded = assert_lines(source)
+        matches = list(re.finditer(rule.pattern, source))
+        for match in matches:
+            first = source.count("\n", 0, match.start()) + 1
+            last = first + match.group(0).count("\n")
+            if guarded & set(range(first, last + 1)):
+                raise RuleError(f"rule {rule.name} would change an assertion: {file}, line {first}")
+        if not matches:
+            if rule.required:
+                raise RuleError(f"rule {rule.name} no longer matches {file}: {rule.pattern!r}")
+            continue
+        source = re.sub(rule.pattern, rule.replacement, source)
+        applied.append(rule.name)
+    return source, applied
+
+
+def prelude(file: str, rules: Sequence[Rule]) -> tuple[str, list[str]]:
+    """The code to run before ``file``'s own (its :class:`Patch` rules), and their names."""
+    patches = applying(rules, file, Patch)
+    if not patches:
+        return "", []
+    stand_ins = {target: stand_in for rule in patches for target, stand_in in rule.stand_ins}
+    code = f"import dsinfra.conformance.standins\ndsinfra.conformance.standins.patch({stand_ins!r})\n"
+    return code, [rule.name for rule in patches]
+
+
+def insert_prelude(source: str, code: str) -> str:
+    """``source`` with ``code`` inserted after its docstring and ``from __future__`` imports."""
+    if not code:
+        return source
+    after = 0
+    for node in ast.parse(source).body:
+        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        if not (is_docstring and after == 0) and not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            break
+        after = node.end_lineno
+    lines = source.splitlines(keepends=True)
+    return "".join(lines[:after]) + code + "".join(lines[after:])
+
+
+def environment(file: str, rules: Sequence[Rule]) -> tuple[dict[str, str], list[str]]:
+    """The variables ``file``'s :class:`Environment` rules set, and their names."""
+    chosen = applying(rules, file, Environment)
+    return {key: value for rule in chosen for key, value in rule.variables}, [rule.name for rule in chosen]
