@@ -75,7 +75,19 @@ def test_dispatch_keeps_the_contract(ranks, expected, case):
             assert torch.equal(got["recv_topk_idx"], want["recv_topk_idx"])
             assert torch.equal(got["recv_topk_weights"], want["recv_topk_weights"])
             assert got["counts"] == want["num_recv_tokens_per_expert"]
-            assert torch.equal(got["handle"][0], want["rank_prefix_matrix"])
+            # upstream's internode handle: 10 fields, is_token_in_rank first, the
+            # prefix sums over source ranks of the rows received at [-4]
+            handle = got["handle"]
+            assert len(handle) == 10 and torch.equal(handle[0], result["layout"]["is_token_in_rank"])
+            assert torch.equal(handle[-4], want["rank_prefix_matrix"][:, rank])
+            # [4]: tokens this rank forwards, from the same local index on nodes 0..n
+            node, local = divmod(rank, RANKS_PER_NODE)
+            _, idxs, _ = expected["inputs"]
+            from_nodes = []
+            for source in (local, RANKS_PER_NODE + local):
+                in_rank = reference.get_dispatch_layout(idxs[source], NUM_EXPERTS, NUM_RANKS, 2)[3]
+                from_nodes.append(int(in_rank.view(-1, 2, RANKS_PER_NODE)[:, node].any(dim=1).sum()))
+            assert handle[4].tolist() == [from_nodes[0], sum(from_nodes)]
 
 
 @pytest.mark.parametrize("case", ["fp8 async", "cached fp8"])
