@@ -559,17 +559,16 @@ class Buffer:
         expert_outputs = run_checks(
             "low_latency_combine", self.group, self._device, checks, ("hidden", "num_max_dispatch_tokens_per_rank", "num_experts")
         )
-        outputs, works, finish = low_latency.combine(self.comm, expert_outputs, topk_idx, topk_weights, handle)
+        (combined,), works, finish = low_latency.combine(self.comm, expert_outputs, topk_idx, topk_weights, handle)
         if out is not None:
             unpack = finish
 
             def finish() -> None:
                 unpack()
-                out.copy_(outputs[0])
+                out.copy_(combined)
 
-            outputs = [out]
         event, hook = self._low_latency_event(works, finish, async_finish, return_recv_hook)
-        return outputs[0], event, hook
+        return (combined if out is None else out), event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The bf16 tensor [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]
