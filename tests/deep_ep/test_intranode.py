@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsinfra.deep_ep import Buffer, Config, reference
+from dsinfra.deep_ep import Buffer, Config, EventHandle, EventOverlap, reference, threads
 from dsinfra.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from dsinfra.testing import calc_diff, randn
 from tests.deep_ep.helpers import (
@@ -92,6 +92,7 @@ def _run_ranks(rank, world_size, group):
     }
 
     out["later arguments"] = _later_arguments(rank, group, buffer, x, topk_idx, topk_weights, layout, handle)
+    out["threads in a call"] = _threads_in_a_call(group, x, layout)
     out["every rank raises"] = _every_rank_raises(rank, group, buffer, x, topk_idx, topk_weights, layout, rows, handle)
 
     subgroups = [dist.new_group(ranks) for ranks in SUBGROUPS]
@@ -132,6 +133,21 @@ def _later_arguments(rank, group, buffer, x, topk_idx, topk_weights, layout, han
             x, topk_idx, 16, NUM_EXPERTS, dispatch_wait_recv_cost_stats=torch.zeros(4, 4, dtype=torch.int64))),
     }
     return out
+
+
+def _threads_in_a_call(group, x, layout) -> tuple[list[int], int, int]:
+    """With every rank at torch's default (a thread per core), the 4 ranks
+    oversubscribe the cores: a call's work runs with the fair share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads.num_cores())
+    try:
+        crowded = Buffer(group, int(1e8))
+        seen = []
+        inside = EventOverlap(EventHandle(finish=lambda: seen.append(torch.get_num_threads())))  # completed inside the call
+        crowded.dispatch(x, **layout, previous_event=inside)
+        return seen, torch.get_num_threads(), threads.num_cores()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _every_rank_raises(rank, group, buffer, x, topk_idx, topk_weights, layout, rows, handle) -> dict:
@@ -381,3 +397,10 @@ def test_every_rank_raises_the_same_error(ranks, case, culprit, message):
             assert kind == "ValueError" and message in text, (rank, kind, text)
         else:
             assert kind == "RuntimeError" and f"rank {culprit} rejected its arguments" in text, (rank, kind, text)
+
+
+def test_calls_share_the_cores_when_the_ranks_oversubscribe_them(ranks):
+    for result in ranks:
+        seen, after, cores = result["threads in a call"]
+        assert seen == [max(1, cores // NUM_RANKS)]  # the fair share inside the call
+        assert after == cores  # torch's setting is back afterwards
