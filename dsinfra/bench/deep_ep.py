@@ -14,6 +14,11 @@ iteration (ranks meet at a barrier before each).
   the bytes that cross between nodes.
 - ``low-latency``: FP8 low-latency dispatch + combine of a decoding batch,
   against the normal mode on the same tokens.
+- ``oversubscribed`` (CPU): normal bf16 dispatch + combine of 1,024 tokens of
+  hidden 1,024 against the naive all-to-all, run twice: with one thread per
+  rank, and with every rank at torch's default thread count (as
+  ``torch.multiprocessing.spawn`` leaves them), so the 4 ranks ask for more
+  threads than the machine has cores.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ NUM_EXPERTS, NUM_TOPK = 64, 8
 
 def _sizes(quick: bool) -> dict:
     if quick:
-        return {"num_tokens": 64, "hidden": 1024, "decode_tokens": 16}
-    return {"num_tokens": 512, "hidden": 7168, "decode_tokens": 128}
+        return {"num_tokens": 64, "hidden": 1024, "decode_tokens": 16, "oversubscribed_tokens": 256}
+    return {"num_tokens": 512, "hidden": 7168, "decode_tokens": 128, "oversubscribed_tokens": 1024}
 
 
 def _timed(fn, group, device, warmup: int, repeats: int) -> list[float]:
@@ -108,13 +113,13 @@ def _normal_case(buffer, group, x, topk_idx, topk_weights, device, settings, *, 
         return rows
 
     num_recv = ours()  # the expert outputs to send back: one bf16 row per received row
-    expert_output = torch.randn(num_recv, hidden, device=device).to(torch.bfloat16)
+    expert_output = torch.randn(num_recv, hidden, dtype=torch.float32, device=device).to(torch.bfloat16)
     buffer.traffic.reset()
     ours(expert_output)
     case = {"sent": buffer.traffic.intranode_bytes + buffer.traffic.internode_bytes, "internode": buffer.traffic.internode_bytes}
     case["time"] = _timed(lambda: ours(expert_output), group, device, settings["warmup"], settings["repeats"])
     if naive:
-        naive_output = torch.randn(sum(NaiveAllToAll(group, topk_idx, NUM_EXPERTS).recv), hidden, device=device).to(torch.bfloat16)
+        naive_output = torch.randn(sum(NaiveAllToAll(group, topk_idx, NUM_EXPERTS).recv), hidden, dtype=torch.float32, device=device).to(torch.bfloat16)
 
         def baseline() -> int:
             scheme = NaiveAllToAll(group, topk_idx, NUM_EXPERTS)  # routing and counts, as ours does per call
@@ -133,6 +138,19 @@ def _minimum_bytes(is_token_in_rank: torch.Tensor, rank: int, dispatch_row: int,
     return copies * (dispatch_row + combine_row)
 
 
+def _oversubscribed_rank(rank, world_size, group, settings):
+    """The normal bf16 case at the oversubscription setting (hidden 1,024)."""
+    from dsinfra.deep_ep import Buffer
+    from dsinfra.testing import randn, topk_indices
+
+    device, num_tokens = torch.device("cpu"), settings["oversubscribed_tokens"]
+    x = randn(num_tokens, 1024, seed=rank, dtype=torch.bfloat16)
+    topk_idx = topk_indices(num_tokens, NUM_EXPERTS, NUM_TOPK, seed=100 + rank)
+    topk_weights = torch.rand(num_tokens, NUM_TOPK, dtype=torch.float32)
+    buffer = Buffer(group, num_nvl_bytes=int(2e9))
+    return _normal_case(buffer, group, x, topk_idx, topk_weights, device, settings, naive=True)
+
+
 def _run_rank(rank, world_size, group, settings):
     from dsinfra.deep_ep import Buffer
     from dsinfra.fp8 import per_token_cast_to_fp8
@@ -142,7 +160,7 @@ def _run_rank(rank, world_size, group, settings):
     num_tokens, hidden = settings["num_tokens"], settings["hidden"]
     x = randn(num_tokens, hidden, seed=rank, dtype=torch.bfloat16, device=device)
     topk_idx = topk_indices(num_tokens, NUM_EXPERTS, NUM_TOPK, seed=100 + rank, device=device)
-    topk_weights = torch.rand(num_tokens, NUM_TOPK, device=device)
+    topk_weights = torch.rand(num_tokens, NUM_TOPK, dtype=torch.float32, device=device)
     buffer = Buffer(group, num_nvl_bytes=int(2e9), num_rdma_bytes=int(2e9), low_latency_mode=True)
     in_rank = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)[3]
     results = {}
@@ -167,7 +185,7 @@ def _run_rank(rank, world_size, group, settings):
     decode_tokens = settings["decode_tokens"]
     x_decode, idx_decode, weights_decode = x[:decode_tokens], topk_idx[:decode_tokens], topk_weights[:decode_tokens]
     recv, _, handle, _, _ = buffer.low_latency_dispatch(x_decode, idx_decode, decode_tokens, NUM_EXPERTS)
-    expert_output = torch.randn(recv[0].shape, device=device).to(torch.bfloat16)
+    expert_output = torch.randn(recv[0].shape, dtype=torch.float32, device=device).to(torch.bfloat16)
 
     def low_latency():
         _, _, handle, _, _ = buffer.low_latency_dispatch(x_decode, idx_decode, decode_tokens, NUM_EXPERTS)
@@ -229,4 +247,28 @@ def benchmark(ctx) -> None:
             bytes=mean_over_ranks("sent", case),
             params=dict(params, tokens_per_rank=tokens),
             extra=extra,
+        )
+    if not gpu:
+        _oversubscription(ctx, settings, num_ranks, params)
+
+
+def _oversubscription(ctx, settings, num_ranks: int, params: dict) -> None:
+    """The normal bf16 case with 1 thread per rank, then with torch's default
+    (the cores of the machine) in every rank."""
+    import os
+
+    from dsinfra.testing import spawn
+
+    tokens = settings["oversubscribed_tokens"]
+    for threads in (1, os.cpu_count() or 1):
+        first = spawn(_oversubscribed_rank, num_ranks, settings, timeout=1800, threads_per_rank=threads)[0]
+        state = f"{num_ranks} ranks x {threads} threads on {os.cpu_count()} cores"
+        ctx.record(
+            f"oversubscription: normal bf16, {tokens} tokens/rank, hidden 1024, {state}",
+            time_s=float(torch.tensor(first["time"]).median()),
+            min_time_s=min(first["time"]),
+            baseline="naive per-expert all-to-all",
+            baseline_time_s=float(torch.tensor(first["baseline"]).median()),
+            bytes=first["sent"],
+            params=dict(params, hidden=1024, tokens_per_rank=tokens, threads_per_rank=threads),
         )

@@ -24,8 +24,7 @@ from dsinfra.deep_ep.buffer import Buffer
 from dsinfra.deep_ep.comm import Traffic
 from dsinfra.deep_ep.config import Config
 from dsinfra.deep_ep.event import EventHandle, EventOverlap
-from dsinfra.deep_ep.low_latency import LowLatencyHandle
-from dsinfra.deep_ep.normal import DispatchHandle
+from dsinfra.deep_ep.handles import DispatchHandle, InternodeHandle, IntranodeHandle, LowLatencyHandle
 
 # The dtype of expert indices (upstream's ``deep_ep.topk_idx_t``).
 topk_idx_t = torch.int64
@@ -39,6 +38,8 @@ __all__ = [
     "DispatchHandle",
     "EventHandle",
     "EventOverlap",
+    "InternodeHandle",
+    "IntranodeHandle",
     "LowLatencyHandle",
     "OPERATIONS",
     "Traffic",

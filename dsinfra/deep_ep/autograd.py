@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from dsinfra.deep_ep.buffer import Buffer
-from dsinfra.deep_ep.normal import DispatchHandle
+from dsinfra.deep_ep.handles import DispatchHandle
 
 
 class _Dispatch(torch.autograd.Function):
@@ -52,7 +52,7 @@ class _Dispatch(torch.autograd.Function):
             shape, dtype = ctx.recv_x_like
             grad_recv_x = torch.zeros(shape, dtype=dtype, device=recv_topk_idx.device)
         if grad_recv_topk_weights is None:
-            grad_recv_topk_weights = torch.zeros(recv_topk_idx.shape, device=recv_topk_idx.device)
+            grad_recv_topk_weights = torch.zeros(recv_topk_idx.shape, dtype=torch.float32, device=recv_topk_idx.device)
         # Weights of experts held elsewhere arrived as constants 0: no gradient flows to them.
         grad_recv_topk_weights = grad_recv_topk_weights.masked_fill(recv_topk_idx < 0, 0.0).contiguous()
         grad_x, grad_topk_weights, _ = ctx.buffer.combine(grad_recv_x.contiguous(), ctx.handle, topk_weights=grad_recv_topk_weights)

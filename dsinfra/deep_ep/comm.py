@@ -53,21 +53,37 @@ def group_topology(group: dist.ProcessGroup, num_ranks_per_node: int | None) -> 
                 f"num_ranks_per_node ({num_ranks_per_node}) must divide the group's size ({num_ranks})"
             )
         return Topology(rank, num_ranks, num_ranks_per_node)
-    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
-    if not local_world_size:
+    nodes = member_nodes(group)
+    if nodes is None:
         return Topology(rank, num_ranks, num_ranks)
-    if not local_world_size.isdigit() or int(local_world_size) < 1:
-        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {local_world_size!r}")
-    nodes = [global_rank // int(local_world_size) for global_rank in dist.get_process_group_ranks(group)]
-    sizes = {node: nodes.count(node) for node in nodes}
-    per_node = sizes[nodes[0]]
-    node_major = all(nodes[i] == nodes[i - 1] or nodes[i] not in nodes[:i] for i in range(1, num_ranks))
-    if len(set(sizes.values())) != 1 or not node_major:
+    per_node = node_major_ranks_per_node(nodes)
+    if per_node is None:
         raise ValueError(
-            f"the group's ranks must be spread evenly over nodes, node by node; with LOCAL_WORLD_SIZE={local_world_size} "
-            f"its ranks sit on nodes {nodes}"
+            f"the group's ranks must be spread evenly over nodes, node by node; with "
+            f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']} its ranks sit on nodes {nodes}"
         )
     return Topology(rank, num_ranks, per_node)
+
+
+def member_nodes(group: dist.ProcessGroup) -> list[int] | None:
+    """The node of each member of ``group``, from ``LOCAL_WORLD_SIZE`` (the
+    world's ranks per node, as torchrun sets it); None when it is not set."""
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    if not local_world_size:
+        return None
+    if not local_world_size.isdigit() or int(local_world_size) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {local_world_size!r}")
+    return [global_rank // int(local_world_size) for global_rank in dist.get_process_group_ranks(group)]
+
+
+def node_major_ranks_per_node(nodes: list[int]) -> int | None:
+    """Ranks per node when the members (on ``nodes``, in group order) sit node
+    by node, the same number on each node; None otherwise."""
+    sizes = {node: nodes.count(node) for node in nodes}
+    node_major = all(nodes[i] == nodes[i - 1] or nodes[i] not in nodes[:i] for i in range(1, len(nodes)))
+    if len(set(sizes.values())) != 1 or not node_major:
+        return None
+    return sizes[nodes[0]]
 
 
 @dataclasses.dataclass

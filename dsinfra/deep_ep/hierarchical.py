@@ -24,8 +24,8 @@ import dataclasses
 import torch
 
 from dsinfra.deep_ep.comm import Comm, Topology
-from dsinfra.deep_ep import normal
-from dsinfra.deep_ep.normal import DispatchHandle, Transfer, send_order, sum_rows
+from dsinfra.deep_ep.handles import Layout
+from dsinfra.deep_ep.normal import Transfer, send_order, sum_rows
 from dsinfra.deep_ep.rows import RowFormat
 
 
@@ -60,17 +60,18 @@ def routes(topology: Topology, tokens_to_rank, tokens_to_node, rank: int | None 
     )
 
 
-def make_handle(topology: Topology, is_token_in_rank: torch.Tensor, tokens_to_rank, tokens_to_node) -> DispatchHandle:
-    """The handle of a hierarchical dispatch: rows go to nodes, node by node."""
+def make_layout(topology: Topology, is_token_in_rank: torch.Tensor, tokens_to_rank, tokens_to_node, num_worst_tokens: int) -> Layout:
+    """The layout of a hierarchical dispatch: rows go to nodes, node by node
+    (``forward_row_idx`` is filled in once stage 1 has arrived)."""
     num_tokens = is_token_in_rank.shape[0]
     in_node = is_token_in_rank.view(num_tokens, topology.num_nodes, topology.num_ranks_per_node).any(dim=2)
-    return normal.make_handle(
-        topology,
-        is_token_in_rank,
-        tokens_to_rank,
+    return Layout(
+        is_token_in_rank=is_token_in_rank,
         send_token_idx=send_order(in_node, sum(tokens_to_node[topology.rank])),
-        tokens_to_node=tokens_to_node,
+        tokens_to_rank=tuple(map(tuple, tokens_to_rank)),
+        tokens_to_node=tuple(map(tuple, tokens_to_node)),
         recv_order=_recv_order(topology, tokens_to_rank).to(is_token_in_rank.device),
+        num_worst_tokens=num_worst_tokens,
     )
 
 
@@ -91,64 +92,65 @@ def _recv_order(topology: Topology, tokens_to_rank) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def dispatch_rows(comm: Comm, fmt: RowFormat, fields: list[torch.Tensor], handle: DispatchHandle) -> tuple[Transfer, DispatchHandle]:
+def dispatch_rows(comm: Comm, fmt: RowFormat, fields: list[torch.Tensor], layout: Layout) -> tuple[Transfer, Layout]:
     """Stage 1 (completed here), then start stage 2; see
-    :func:`dsinfra.deep_ep.normal.dispatch_rows`. Also returns the handle,
+    :func:`dsinfra.deep_ep.normal.dispatch_rows`. Also returns the layout,
     completed with the forwarding order when it lacked it."""
     topology = comm.topology
-    route = routes(topology, handle.tokens_to_rank, handle.tokens_to_node)
+    route = routes(topology, layout.tokens_to_rank, layout.tokens_to_node)
     device = fields[0].device
-    first = handle.forward_row_idx is None
-    stage1 = RowFormat(fields + [handle.is_token_in_rank]) if first else fmt
-    send = stage1.pack(fields + [handle.is_token_in_rank] if first else fields, handle.send_token_idx)
+    first = layout.forward_row_idx is None
+    stage1 = RowFormat(fields + [layout.is_token_in_rank]) if first else fmt
+    send = stage1.pack(fields + [layout.is_token_in_rank] if first else fields, layout.send_token_idx)
     arrived = torch.empty(sum(route.stage1_recv), stage1.row_bytes, dtype=torch.uint8, device=device)
     comm.all_to_all(arrived, send, route.stage1_recv, route.stage1_send)
     if first:
         node_ranks = topology.node_ranks(topology.node(topology.rank))
         needs = arrived[:, fmt.row_bytes + node_ranks.start : fmt.row_bytes + node_ranks.stop] != 0
-        handle = handle._replace(forward_row_idx=send_order(needs, sum(route.stage2_send)))
-    forward = arrived[:, : fmt.row_bytes].index_select(0, handle.forward_row_idx)
-    outputs = fmt.empty(sum(route.stage2_recv), device)
-    rows = torch.empty(outputs[0].shape[0], fmt.row_bytes, dtype=torch.uint8, device=device)
+        layout = dataclasses.replace(layout, forward_row_idx=send_order(needs, sum(route.stage2_send)))
+    forward = arrived[:, : fmt.row_bytes].index_select(0, layout.forward_row_idx)
+    outputs = fmt.empty(layout.num_recv_rows(topology.rank), device)
+    rows = torch.empty(sum(route.stage2_recv), fmt.row_bytes, dtype=torch.uint8, device=device)
     work = comm.all_to_all(rows, forward, route.stage2_recv, route.stage2_send, async_op=True)
-    return (outputs, [work], lambda: fmt.unpack_into(rows, outputs, index=handle.recv_order)), handle
+    arrived_outputs = [out[: rows.shape[0]] for out in outputs]
+    return (outputs, [work], lambda: fmt.unpack_into(rows, arrived_outputs, index=layout.recv_order)), layout
 
 
-def combine_rows(comm: Comm, fmt: RowFormat, fields: list[torch.Tensor], handle: DispatchHandle) -> Transfer:
+def combine_rows(comm: Comm, fmt: RowFormat, fields: list[torch.Tensor], layout: Layout, bias: tuple[torch.Tensor, ...] = ()) -> Transfer:
     """Stage 2 back and the forwarders' sums (completed here), then start
     stage 1 back; see :func:`dsinfra.deep_ep.normal.combine_rows`."""
-    route = routes(comm.topology, handle.tokens_to_rank, handle.tokens_to_node)
+    route = routes(comm.topology, layout.tokens_to_rank, layout.tokens_to_node)
     device = fields[0].device
     rows = fmt.pack(fields)
-    by_forwarder = torch.empty_like(rows).index_copy_(0, handle.recv_order, rows)
+    by_forwarder = torch.empty_like(rows).index_copy_(0, layout.recv_order, rows)
     returned = torch.empty(sum(route.stage2_send), fmt.row_bytes, dtype=torch.uint8, device=device)
     comm.all_to_all(returned, by_forwarder, route.stage2_send, route.stage2_recv)
     num_arrived = sum(route.stage1_recv)
     partial = [
-        sum_rows(field, handle.forward_row_idx, route.stage2_send, num_arrived).to(field.dtype) for field in fmt.unpack(returned)
+        sum_rows(field, layout.forward_row_idx, route.stage2_send, num_arrived).to(field.dtype) for field in fmt.unpack(returned)
     ]
     back = torch.empty(sum(route.stage1_send), fmt.row_bytes, dtype=torch.uint8, device=device)
     work = comm.all_to_all(back, fmt.pack(partial), route.stage1_send, route.stage1_recv, async_op=True)
-    num_tokens = handle.is_token_in_rank.shape[0]
+    num_tokens = layout.is_token_in_rank.shape[0]
     outputs = [torch.empty((num_tokens, *f.shape[1:]), dtype=f.dtype, device=device) for f in fields]
 
     def finish() -> None:
-        for out, field in zip(outputs, fmt.unpack(back)):
-            out.copy_(sum_rows(field, handle.send_token_idx, route.stage1_send, num_tokens))
+        for out, field, field_bias in zip(outputs, fmt.unpack(back), (bias, ())):
+            out.copy_(sum_rows(field, layout.send_token_idx, route.stage1_send, num_tokens, field_bias))
 
     return outputs, [work], finish
 
 
 def receive_bytes(
-    topology: Topology, handle: DispatchHandle, row_bytes: int, *, combine: bool
+    topology: Topology, layout: Layout, row_bytes: int, *, combine: bool
 ) -> tuple[list[int], list[int]]:
     """Bytes each rank receives within its node and from other nodes in one
     hierarchical dispatch (or combine) of rows of ``row_bytes`` (stage-1 rows of
     a first dispatch carry ``num_ranks`` more bytes)."""
     intranode, internode = [], []
-    stage1_row = row_bytes + (topology.num_ranks if not combine and handle.forward_row_idx is None else 0)
+    stage1_row = row_bytes + (topology.num_ranks if not combine and layout.forward_row_idx is None else 0)
     for rank in range(topology.num_ranks):
-        route = routes(topology, handle.tokens_to_rank, handle.tokens_to_node, rank)
+        route = routes(topology, layout.tokens_to_rank, layout.tokens_to_node, rank)
         other_nodes = [r for r in range(topology.num_ranks) if topology.node(r) != topology.node(rank)]
         if combine:
             intranode.append(sum(route.stage2_send) * row_bytes)

@@ -29,27 +29,13 @@ filled slots (:func:`static_shapes`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from dsinfra.deep_ep.comm import Comm
-from dsinfra.deep_ep.event import EventHandle
+from dsinfra.deep_ep.handles import LowLatencyHandle
 from dsinfra.deep_ep.normal import Transfer
 from dsinfra.deep_ep.rows import RowFormat
 from dsinfra.fp8 import GROUP, per_token_cast_to_fp8
-
-
-class LowLatencyHandle(NamedTuple):
-    """What low-latency combine needs from its dispatch; the first five fields are upstream's."""
-
-    src_info: torch.Tensor  # [num_local_experts, num_ranks * max_tokens] int32: source token of each slot, -1 past the count
-    layout_range: torch.Tensor  # [num_local_experts, num_ranks] int64: (first slot << 32) | count, per source rank
-    num_max_dispatch_tokens_per_rank: int
-    hidden: int
-    num_experts: int
-    slot_rows: torch.Tensor  # [num_local_experts, num_ranks * max_tokens] int64: arrived row of each slot, num_ranks * max_tokens past the count
-    arrival: EventHandle | None = None  # completes the dispatch, which fills the tensors above
 
 
 def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -74,19 +60,49 @@ def _padded(t: torch.Tensor, num_rows: int) -> torch.Tensor:
     return out
 
 
+def cast_to_fp8(x: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 (1x128 float32 scales); with ``round_scale`` each scale is
+    rounded up to a power of two (exactly representable as UE8M0) and the
+    values are cast with it."""
+    x_fp8, scales = per_token_cast_to_fp8(x)
+    if not round_scale:
+        return x_fp8, scales
+    scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    groups = x.float().unflatten(-1, (-1, GROUP)) / scales[..., None]
+    return groups.flatten(-2).to(torch.float8_e4m3fn), scales
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """float32 powers of two ``[..., groups]`` (groups a multiple of 4) ->
+    their exponent bytes (UE8M0), four to an int32: ``[..., groups / 4]``,
+    group 4i + b in byte b (upstream's packing)."""
+    exponents = (scales.contiguous().view(torch.int32) >> 23).to(torch.uint8)
+    return exponents.view(torch.int32)
+
+
 def dispatch(
-    comm: Comm, x: torch.Tensor, topk_idx: torch.Tensor, max_tokens: int, num_experts: int, use_fp8: bool
+    comm: Comm,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    max_tokens: int,
+    num_experts: int,
+    use_fp8: bool,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+    recv_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor, LowLatencyHandle, list, callable]:
     """Start a low-latency dispatch; returns (recv_x, recv_count, handle, works,
     finish): the outputs are complete once the works are waited for and
-    ``finish()`` has run."""
+    ``finish()`` has run. ``round_scale`` / ``use_ue8m0``: power-of-two scales,
+    delivered as float32 or packed UE8M0 (int32, four scales each);
+    ``recv_stats`` (int32 [num_local_experts]) gets each expert's count added."""
     num_ranks, me = comm.topology.num_ranks, comm.topology.rank
     num_local, slots = num_experts // num_ranks, num_ranks * max_tokens
     num_tokens, hidden = x.shape
     device = x.device
     chosen = torch.zeros(max_tokens, num_experts + 1, dtype=torch.bool, device=device)
     chosen[:num_tokens].scatter_(1, topk_idx.masked_fill(topk_idx < 0, num_experts), True)
-    token_fields = list(per_token_cast_to_fp8(x)) if use_fp8 else [x]
+    token_fields = list(cast_to_fp8(x, round_scale)) if use_fp8 else [x]
     fields = [_padded(f, max_tokens) for f in token_fields] + [chosen[:, :num_experts]]
     fmt = RowFormat(fields)
     arrived = torch.empty(num_ranks, max_tokens, fmt.row_bytes, dtype=torch.uint8, device=device)
@@ -95,7 +111,8 @@ def dispatch(
     recv_x = torch.empty(num_local, slots, hidden, dtype=token_fields[0].dtype, device=device)
     recv_scales = None
     if use_fp8:  # column-major in the last two dimensions, as upstream (TMA-friendly)
-        recv_scales = torch.empty(num_local, hidden // GROUP, slots, dtype=torch.float32, device=device).transpose(1, 2)
+        scale_columns, scale_dtype = (hidden // (4 * GROUP), torch.int32) if use_ue8m0 else (hidden // GROUP, torch.float32)
+        recv_scales = torch.empty(num_local, scale_columns, slots, dtype=scale_dtype, device=device).transpose(1, 2)
     recv_count = torch.empty(num_local, dtype=torch.int32, device=device)
     handle = LowLatencyHandle(
         src_info=torch.empty(num_local, slots, dtype=torch.int32, device=device),
@@ -103,8 +120,8 @@ def dispatch(
         num_max_dispatch_tokens_per_rank=max_tokens,
         hidden=hidden,
         num_experts=num_experts,
-        slot_rows=torch.empty(num_local, slots, dtype=torch.int64, device=device),
     )
+    handle.slot_rows = torch.empty(num_local, slots, dtype=torch.int64, device=device)
 
     def finish() -> None:
         rows = arrived.view(slots, fmt.row_bytes)
@@ -114,11 +131,14 @@ def dispatch(
         count = selected.sum(dim=1)
         valid = torch.arange(slots, device=device)[None, :] < count[:, None]
         recv_count.copy_(count)
+        if recv_stats is not None:
+            recv_stats.add_(recv_count)
         handle.slot_rows.copy_(torch.where(valid, order, slots))
         handle.src_info.copy_(torch.where(valid, order % max_tokens, -1))
         per_rank = selected.view(num_local, num_ranks, max_tokens).sum(dim=2)
         handle.layout_range.copy_(((per_rank.cumsum(dim=1) - per_rank) << 32) | per_rank)
-        outputs = [recv_x.view(-1, hidden)] + ([torch.empty(num_local * slots, hidden // GROUP, device=device)] if use_fp8 else [])
+        scales = [torch.empty(num_local * slots, hidden // GROUP, dtype=torch.float32, device=device)] if use_fp8 else []
+        outputs = [recv_x.view(-1, hidden)] + scales
         data, index = rows[:, : fmt.offsets[-1]], order.flatten()
         if static_shapes(device):  # every slot, past the counts too
             RowFormat(outputs).unpack_into(data, outputs, index=index)
@@ -126,7 +146,8 @@ def dispatch(
             filled = valid.flatten().nonzero().squeeze(1)
             RowFormat(outputs).unpack_into(data, outputs, index=index[filled], positions=filled)
         if use_fp8:
-            recv_scales.copy_(outputs[1].view(num_local, slots, -1))
+            received = pack_ue8m0(outputs[1]) if use_ue8m0 else outputs[1]
+            recv_scales.copy_(received.view(num_local, slots, -1))
 
     recv = (recv_x, recv_scales) if use_fp8 else recv_x
     return recv, recv_count, handle, [work], finish

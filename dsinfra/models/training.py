@@ -121,14 +121,33 @@ def rank_stages(model: Transformer, config: TrainConfig, grid: Grid) -> list[Sta
     stages = split_stages(model, 2 * config.pp)
     mine = [stages[grid.pp_rank], stages[2 * config.pp - 1 - grid.pp_rank]]
     if config.ep > 1:
-        from dsinfra.deep_ep import Buffer
-
-        forward = Buffer(grid.experts, num_nvl_bytes=int(1e9))
-        backward = Buffer(grid.experts_backward, num_nvl_bytes=int(1e9))
+        forward = expert_parallel_buffer(grid.experts, config)
+        backward = expert_parallel_buffer(grid.experts_backward, config)
         for moe in stage_moe_layers(mine):
             keep_local_experts(moe, grid.ep_rank, config.ep)
             moe.dispatcher = ExpertParallel(forward, config.args.n_routed_experts, backward_buffer=backward)
     return mine
+
+
+def expert_parallel_buffer(group: dist.ProcessGroup, config: TrainConfig):
+    """A deep_ep Buffer for the MoE layers' dispatch and combine over ``group``.
+
+    Mode: hierarchical where the group spans nodes evenly (as torchrun's
+    ``LOCAL_WORLD_SIZE`` places its ranks), else one flat all-to-all over the
+    group. Size, from the model: one call moves at most every token of a
+    micro-batch to every rank, each a row of ``dim`` float32 values with its
+    top-k ids and weights (and, crossing nodes, its row of ``is_token_in_rank``).
+    """
+    from dsinfra.deep_ep import Buffer
+    from dsinfra.deep_ep.comm import member_nodes, node_major_ranks_per_node
+
+    nodes = member_nodes(group)
+    per_node = (node_major_ranks_per_node(nodes) if nodes else None) or group.size()
+    tokens = config.batch_size // config.ep // config.num_chunks * config.task().seq_len
+    row_bytes = 4 * config.args.dim + 12 * config.args.n_activated_experts + group.size()
+    limit = tokens * group.size() * row_bytes
+    rdma = limit if per_node < group.size() else 0
+    return Buffer(group, num_nvl_bytes=limit, num_rdma_bytes=rdma, num_ranks_per_node=per_node)
 
 
 def stage_moe_layers(stages: list[Stage]) -> list[MoE]:

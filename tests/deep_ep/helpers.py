@@ -88,7 +88,7 @@ NUM_RANKS = 4
 WORLD_EXPERTS = 8  # experts of the normal-mode tests on the 4-rank world
 # Test modules whose ``_run_ranks(rank, world_size, group)`` runs in the shared
 # spawn, in this order (the failure part breaks a subgroup, so it runs last).
-PARTS = ("intranode", "hierarchical", "low_latency", "autograd", "failure")
+PARTS = ("intranode", "hierarchical", "low_latency", "autograd", "default_dtype", "failure")
 
 
 def run_parts(rank: int, world_size: int, group) -> dict:

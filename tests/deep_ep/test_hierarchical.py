@@ -40,6 +40,7 @@ def _run_ranks(rank, world_size, group):
     out["combine traffic"] = (buffer.traffic.intranode_bytes, buffer.traffic.internode_bytes)
     out["combine"] = (combined_x, combined_weights)
 
+    out["worst"] = dispatch_and_wait(buffer, x, **layout, **topk, num_worst_tokens=64)
     del os.environ["LOCAL_WORLD_SIZE"]
     by_argument = Buffer(group, num_nvl_bytes=int(1e8), num_rdma_bytes=int(1e8), num_ranks_per_node=RANKS_PER_NODE)
     out["by argument"] = dispatch_and_wait(by_argument, x, **layout_kwargs(by_argument, topk_idx, NUM_EXPERTS), **topk)
@@ -75,7 +76,28 @@ def test_dispatch_keeps_the_contract(ranks, expected, case):
             assert torch.equal(got["recv_topk_idx"], want["recv_topk_idx"])
             assert torch.equal(got["recv_topk_weights"], want["recv_topk_weights"])
             assert got["counts"] == want["num_recv_tokens_per_expert"]
-            assert torch.equal(got["handle"][0], want["rank_prefix_matrix"])
+            # upstream's internode handle: 10 fields, is_token_in_rank first, the
+            # prefix sums over source ranks of the rows received at [-4]
+            handle = got["handle"]
+            assert len(handle) == 10 and torch.equal(handle[0], result["layout"]["is_token_in_rank"])
+            assert torch.equal(handle[-4], want["rank_prefix_matrix"][:, rank])
+            # [4]: tokens this rank forwards, from the same local index on nodes 0..n
+            node, local = divmod(rank, RANKS_PER_NODE)
+            _, idxs, _ = expected["inputs"]
+            from_nodes = []
+            for source in (local, RANKS_PER_NODE + local):
+                in_rank = reference.get_dispatch_layout(idxs[source], NUM_EXPERTS, NUM_RANKS, 2)[3]
+                from_nodes.append(int(in_rank.view(-1, 2, RANKS_PER_NODE)[:, node].any(dim=1).sum()))
+            assert handle[4].tolist() == [from_nodes[0], sum(from_nodes)]
+
+
+def test_num_worst_tokens_across_nodes(ranks, expected):
+    for rank, result in enumerate(ranks):
+        got, want = result["worst"], expected["dispatch"][rank]
+        num_recv = len(want["sources"])
+        assert got["counts"] == [] and got["recv_x"].shape[0] == got["recv_topk_idx"].shape[0] == 64
+        assert torch.equal(got["recv_x"][:num_recv], want["recv_x"]) and torch.all(got["recv_x"][num_recv:] == 0)
+        assert torch.equal(got["recv_topk_idx"][:num_recv], want["recv_topk_idx"]) and torch.all(got["recv_topk_idx"][num_recv:] == -1)
 
 
 @pytest.mark.parametrize("case", ["fp8 async", "cached fp8"])

@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsinfra.deep_ep import Buffer, Config, reference
+from dsinfra.deep_ep import Buffer, Config, EventHandle, EventOverlap, reference, threads
 from dsinfra.fp8 import per_token_cast_back, per_token_cast_to_fp8
-from dsinfra.testing import calc_diff
+from dsinfra.testing import calc_diff, randn
 from tests.deep_ep.helpers import (
     HIDDEN,
     NUM_RANKS,
     NUM_TOPK,
+    TOKENS,
     WORLD_EXPERTS,
     all_inputs,
     check_errors,
@@ -90,6 +91,10 @@ def _run_ranks(rank, world_size, group):
         "group": raised(lambda: Buffer(None)),
     }
 
+    out["later arguments"] = _later_arguments(rank, group, buffer, x, topk_idx, topk_weights, layout, handle)
+    out["threads in a call"] = _threads_in_a_call(group, x, layout)
+    out["every rank raises"] = _every_rank_raises(rank, group, buffer, x, topk_idx, topk_weights, layout, rows, handle)
+
     subgroups = [dist.new_group(ranks) for ranks in SUBGROUPS]
     subgroup = subgroups[rank // 2]
     sub_buffer = Buffer(subgroup, num_nvl_bytes=int(1e8))
@@ -99,6 +104,72 @@ def _run_ranks(rank, world_size, group):
     )
     sub["combined"] = sub_buffer.combine(sub["recv_x"], sub["handle"])[0]
     out["subgroup"] = sub
+    return out
+
+
+def _later_arguments(rank, group, buffer, x, topk_idx, topk_weights, layout, handle) -> dict:
+    """What upstream's current Buffer adds: num_worst_tokens, combine's bias,
+    destroy, and the arguments accepted or refused off NVLink."""
+    out = {"handle": (len(handle), type(handle).__name__), "sm90": Buffer.is_sm90_compiled()}
+    worst = sum(TOKENS)  # every token of every rank
+    out["worst"] = dispatch_and_wait(buffer, x, **layout, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst)
+    rows = out["worst"]["recv_x"].clone()
+    num_recv = int(out["worst"]["handle"][0][-1, rank])
+    rows[num_recv:] = float("nan")  # rows past those received are never read
+    out["worst combine"] = buffer.combine(rows, out["worst"]["handle"])[0]
+    out["worst cached"] = dispatch_and_wait(buffer, x, handle=out["worst"]["handle"])["recv_x"]
+    out["worst too small"] = raised(lambda: buffer.dispatch(x, **layout, num_worst_tokens=1))
+    bias = (torch.ones(x.shape, dtype=torch.bfloat16), randn(*x.shape, seed=300 + rank, dtype=torch.bfloat16))
+    recv_x = dispatch_and_wait(buffer, x, handle=handle)["recv_x"]
+    out["bias"] = (bias, buffer.combine(recv_x, handle, bias=bias)[0], buffer.combine(recv_x, handle, bias=bias[0])[0])
+    accepting = Buffer(group, int(1e8), 0, False, 1, False, True, True, False)  # allow_mnnvl=True, explicitly_destroy=True
+    accepting.destroy()
+    out["destroyed"] = (raised(lambda: accepting.dispatch(x, **layout)), raised(accepting.destroy))
+    out["refused"] = {
+        "destroy without explicitly_destroy": raised(buffer.destroy),
+        "enable_shrink": raised(lambda: Buffer(group, int(1e8), enable_shrink=True)),
+        "comm": raised(lambda: Buffer(None, int(1e8), comm=object())),
+        "wait stats": raised(lambda: Buffer(group, 0, int(1e8), low_latency_mode=True).low_latency_dispatch(
+            x, topk_idx, 16, NUM_EXPERTS, dispatch_wait_recv_cost_stats=torch.zeros(4, 4, dtype=torch.int64))),
+    }
+    return out
+
+
+def _threads_in_a_call(group, x, layout) -> tuple[list[int], int, int]:
+    """With every rank at torch's default (a thread per core), the 4 ranks
+    oversubscribe the cores: a call's work runs with the fair share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads.num_cores())
+    try:
+        crowded = Buffer(group, int(1e8))
+        seen = []
+        inside = EventOverlap(EventHandle(finish=lambda: seen.append(torch.get_num_threads())))  # completed inside the call
+        crowded.dispatch(x, **layout, previous_event=inside)
+        return seen, torch.get_num_threads(), threads.num_cores()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _every_rank_raises(rank, group, buffer, x, topk_idx, topk_weights, layout, rows, handle) -> dict:
+    """One rank's arguments are wrong, or the ranks disagree: every rank raises
+    (the rank at fault its own error, the others naming it), none aborts."""
+    topk = {"topk_idx": topk_idx, "topk_weights": topk_weights}
+    out = {}
+    experts = 16 if rank == 0 else NUM_EXPERTS
+    out["num_experts 16 vs 8"] = raised(lambda: buffer.dispatch(x, **layout_kwargs(buffer, topk_idx, experts), **topk))
+    per_expert = torch.zeros(6, dtype=torch.int32) if rank == 1 else layout["num_tokens_per_expert"]  # 6 experts do not divide over 4 ranks
+    out["num_experts 6"] = raised(lambda: buffer.dispatch(x, **dict(layout, num_tokens_per_expert=per_expert), **topk))
+    counts = layout["num_tokens_per_expert"].clone()
+    if rank == 1:
+        counts[0] += 1
+    out["expert counts contradict topk_idx"] = raised(lambda: buffer.dispatch(x, **dict(layout, num_tokens_per_expert=counts), **topk))
+    in_rank = layout["is_token_in_rank"].clone()
+    if rank == 2:  # token 0 loses the rank of its first expert; the counts follow is_token_in_rank
+        in_rank[0, int(topk_idx[0][topk_idx[0] >= 0][0]) // (NUM_EXPERTS // NUM_RANKS)] = False
+    left_out = dict(layout, is_token_in_rank=in_rank, num_tokens_per_rank=in_rank.sum(dim=0, dtype=torch.int32))
+    out["is_token_in_rank leaves out a rank"] = raised(lambda: buffer.dispatch(x, **left_out, **topk))
+    out["num_nvl_bytes 2**63"] = raised(lambda: Buffer(group, num_nvl_bytes=2**63 if rank == 3 else int(1e8)))
+    out["combine dtype"] = raised(lambda: buffer.combine(rows.float() if rank == 0 else rows, handle))
     return out
 
 
@@ -251,3 +322,85 @@ def test_two_rank_subgroups(ranks):
             assert torch.equal(got["recv_topk_idx"], want[i]["recv_topk_idx"])
             assert torch.equal(got["handle"][0], want[i]["rank_prefix_matrix"])
             assert calc_diff(got["combined"].float(), combined[i]) < 1e-5
+
+
+def test_num_worst_tokens_pads_to_a_fixed_count(ranks, expected):
+    worst = sum(TOKENS)
+    for rank, result in enumerate(ranks):
+        got, want = result["later arguments"]["worst"], expected["dispatch"][rank]
+        num_recv = len(want["sources"])
+        assert got["counts"] == []  # upstream: no per-expert list without a host sync
+        assert got["recv_x"].shape[0] == got["recv_topk_idx"].shape[0] == got["recv_topk_weights"].shape[0] == worst
+        assert torch.equal(got["recv_x"][:num_recv], want["recv_x"]) and torch.all(got["recv_x"][num_recv:] == 0)
+        assert torch.equal(got["recv_topk_idx"][:num_recv], want["recv_topk_idx"])
+        assert torch.all(got["recv_topk_idx"][num_recv:] == -1) and torch.all(got["recv_topk_weights"][num_recv:] == 0)
+        cached = result["later arguments"]["worst cached"]
+        assert cached.shape[0] == worst and torch.equal(cached[:num_recv], want["recv_x"])
+        kind, message = result["later arguments"]["worst too small"]
+        assert kind == "ValueError" and "more than its num_worst_tokens (1)" in message
+
+
+def test_combine_of_padded_rows_reads_only_those_received(ranks, expected):
+    xs, _, _ = expected["inputs"]
+    want = reference.combine(
+        [r["later arguments"]["worst"]["recv_x"][: len(d["sources"])] for r, d in zip(ranks, expected["dispatch"])],
+        [d["sources"] for d in expected["dispatch"]],
+        [len(x) for x in xs],
+    )
+    for rank, result in enumerate(ranks):
+        combined = result["later arguments"]["worst combine"]
+        assert not torch.isnan(combined).any()
+        assert calc_diff(combined.float(), want[rank]) < 1e-5
+
+
+def test_combine_adds_the_bias(ranks, expected):
+    xs, _, _ = expected["inputs"]
+    want = reference.combine([r["bf16"]["recv_x"] for r in ranks], [d["sources"] for d in expected["dispatch"]], [len(x) for x in xs])
+    for rank, result in enumerate(ranks):
+        (bias_0, bias_1), both, one = result["later arguments"]["bias"]
+        assert calc_diff(both.float(), want[rank] + bias_0.float() + bias_1.float()) < 1e-5
+        assert calc_diff(one.float(), want[rank] + bias_0.float()) < 1e-5
+
+
+def test_upstream_handle_and_buffer_arguments(ranks):
+    for result in ranks:
+        later = result["later arguments"]
+        assert later["handle"] == (6, "IntranodeHandle") and later["sm90"] is True
+        (kind, message), (kind_again, _) = later["destroyed"]
+        assert kind == kind_again == "RuntimeError" and "destroyed" in message
+        check_errors(
+            later["refused"],
+            {
+                "destroy without explicitly_destroy": ("RuntimeError", "explicitly_destroy=True"),
+                "enable_shrink": ("ValueError", "enable_shrink=True"),
+                "comm": ("ValueError", "mpi4py"),
+                "wait stats": ("ValueError", "dispatch_wait_recv_cost_stats is not supported"),
+            },
+        )
+
+
+@pytest.mark.parametrize(
+    "case, culprit, message",
+    [
+        ("num_experts 16 vs 8", None, "the ranks disagree on num_experts (rank 0: 16, rank 1: 8, rank 2: 8, rank 3: 8)"),
+        ("num_experts 6", 1, "num_tokens_per_expert.shape[0] (6) must be divisible by the number of ranks (4)"),
+        ("expert counts contradict topk_idx", 1, "num_tokens_per_expert does not match topk_idx: expert 0"),
+        ("is_token_in_rank leaves out a rank", 2, "is_token_in_rank leaves out rank"),
+        ("num_nvl_bytes 2**63", 3, "num_nvl_bytes must be in [0, 2**63); got 9223372036854775808"),
+        ("combine dtype", None, "combine: the ranks disagree on x dtype (rank 0: float32, rank 1: bfloat16"),
+    ],
+)
+def test_every_rank_raises_the_same_error(ranks, case, culprit, message):
+    for rank, result in enumerate(ranks):
+        kind, text = result["every rank raises"][case]
+        if culprit is None or rank == culprit:
+            assert kind == "ValueError" and message in text, (rank, kind, text)
+        else:
+            assert kind == "RuntimeError" and f"rank {culprit} rejected its arguments" in text, (rank, kind, text)
+
+
+def test_calls_share_the_cores_when_the_ranks_oversubscribe_them(ranks):
+    for result in ranks:
+        seen, after, cores = result["threads in a call"]
+        assert seen == [max(1, cores // NUM_RANKS)]  # the fair share inside the call
+        assert after == cores  # torch's setting is back afterwards

@@ -84,6 +84,8 @@ def _run_ranks(rank, world_size, group):
     big = Buffer(group, 0, int(1e8), low_latency_mode=True)
     out["disagree"] = raised(lambda: big.low_latency_dispatch(x, topk_idx, MAX_TOKENS + (rank == 0), NUM_EXPERTS))
 
+    out["later arguments"] = _later_arguments(big, x, topk_idx, topk_weights, world_size)
+
     alone = [dist.new_group([r]) for r in range(world_size)][rank]
     out["alone"] = _round_trip(Buffer(alone, 0, int(1e8), low_latency_mode=True), x, topk_idx, topk_weights, NUM_EXPERTS)
 
@@ -91,6 +93,32 @@ def _run_ranks(rank, world_size, group):
     sub_buffer = Buffer(subgroup, 0, int(1e8), low_latency_mode=True)
     sub_x, sub_topk_idx, sub_topk_weights = subgroup_inputs(rank, SUBGROUP_EXPERTS)
     out["subgroup"] = _round_trip(sub_buffer, sub_x, sub_topk_idx, sub_topk_weights.abs(), SUBGROUP_EXPERTS)
+    return out
+
+
+def _later_arguments(buffer, x, topk_idx, topk_weights, world_size) -> dict:
+    """Upstream's current low-latency arguments: power-of-two and UE8M0
+    scales, receive statistics, zero-copy combine, an output tensor, LogFMT."""
+    out = {}
+    wide_x = torch.cat([x, x.flip(1)], dim=1)  # hidden 512: UE8M0 packs 4 scales of 128 channels in an int32
+    stats = torch.zeros(NUM_EXPERTS // world_size, dtype=torch.int32)
+    for name, flags in (("round_scale", {"round_scale": True}), ("ue8m0", {"round_scale": True, "use_ue8m0": True})):
+        (recv_fp8, scales), count, handle, _, _ = buffer.low_latency_dispatch(
+            wide_x, topk_idx, MAX_TOKENS, NUM_EXPERTS, cumulative_local_expert_recv_stats=stats, **flags
+        )
+        out[name] = {"bytes": recv_fp8.view(torch.uint8), "scales": scales.clone(), "stride": scales.stride(), "count": count}
+    out["stats"] = stats
+    recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
+    plain = buffer.low_latency_combine(recv_x, topk_idx, topk_weights, handle)[0]
+    buffer.get_next_low_latency_combine_buffer(handle).copy_(recv_x)
+    given = torch.empty(x.shape, dtype=torch.bfloat16)
+    zero_copy = buffer.low_latency_combine(torch.zeros_like(recv_x), topk_idx, topk_weights, handle, use_logfmt=True, zero_copy=True, out=given)[0]
+    out["combine"] = {"plain": plain, "zero copy": zero_copy, "into out": zero_copy is given}
+    out["errors"] = {
+        "ue8m0 without round_scale": raised(lambda: buffer.low_latency_dispatch(wide_x, topk_idx, MAX_TOKENS, NUM_EXPERTS, use_ue8m0=True)),
+        "ue8m0 hidden 256": raised(lambda: buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, NUM_EXPERTS, round_scale=True, use_ue8m0=True)),
+        "stats dtype": raised(lambda: buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, NUM_EXPERTS, cumulative_local_expert_recv_stats=stats.long())),
+    }
     return out
 
 
@@ -179,3 +207,39 @@ def test_errors(ranks):
         check_errors(result["errors"], expected_errors)
         kind, message = result["disagree"]
         assert kind == "ValueError" and "disagree on num_max_dispatch_tokens_per_rank" in message
+
+
+def test_power_of_two_and_ue8m0_scales(ranks):
+    xs, idxs, _ = all_inputs(range(NUM_RANKS), NUM_EXPERTS)
+    wide = [torch.cat([x, x.flip(1)], dim=1) for x in xs]
+    want = reference.low_latency_dispatch(wide, idxs, NUM_EXPERTS)
+    for rank, result in enumerate(ranks):
+        later = result["later arguments"]
+        rounded, packed = later["round_scale"], later["ue8m0"]
+        assert packed["stride"] == (MAX_TOKENS * NUM_RANKS, 1, MAX_TOKENS * NUM_RANKS)  # int32 [experts, slots, 512 / 512], column-major
+        for e, count in enumerate(want[rank]["recv_count"]):
+            scales = rounded["scales"][e, :count]
+            assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))  # powers of two
+            # UE8M0: the exponent byte of each float32 scale, four to an int32
+            words = packed["scales"][e, :count]  # [count, 1]: hidden 512 has 4 scales, one int32
+            exponents = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1).view(count, 4)
+            assert torch.equal(exponents << 23, scales.view(torch.int32))
+            values = per_token_cast_back(rounded["bytes"][e, :count].view(torch.float8_e4m3fn), scales, torch.float32)
+            assert calc_diff(values, want[rank]["recv_x"][e].float()) < 1e-3
+            assert torch.equal(packed["bytes"][e, :count], rounded["bytes"][e, :count])
+        # two dispatches added their counts
+        assert later["stats"].tolist() == [2 * c for c in want[rank]["recv_count"]]
+
+
+def test_zero_copy_combine_into_out(ranks):
+    for result in ranks:
+        combine = result["later arguments"]["combine"]
+        assert combine["into out"] and torch.equal(combine["zero copy"], combine["plain"])
+        check_errors(
+            result["later arguments"]["errors"],
+            {
+                "ue8m0 without round_scale": ("ValueError", "use_ue8m0=True needs round_scale=True"),
+                "ue8m0 hidden 256": ("ValueError", "divisible by 512 for UE8M0 scales"),
+                "stats dtype": ("TypeError", "cumulative_local_expert_recv_stats must have dtype int32"),
+            },
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsinfra.deep_ep import Config, EventHandle, EventOverlap, Traffic
+from dsinfra.deep_ep import Config, EventHandle, EventOverlap, Traffic, threads
 from dsinfra.deep_ep.comm import Topology
 from dsinfra.deep_ep.low_latency import size_hint
 from dsinfra.deep_ep.normal import send_order, true_positions
@@ -102,3 +102,16 @@ def test_low_latency_size_hint_covers_both_directions():
     assert hint % 128 == 0
     assert hint >= rows * (7168 + 56 * 4 + 256)  # FP8 dispatch
     assert hint >= rows * (2 * 7168 + 4 * 32)  # bf16 combine with weights
+
+
+def test_fair_share_of_cores_only_when_oversubscribed():
+    # 4 ranks on host 7 with 2 threads each, 2 cores: 1 thread each; another host's ranks do not count
+    assert threads.fair_share(7, [7, 7, 7, 7, 9], [2, 2, 2, 2, 64], cores=2) == 1
+    assert threads.fair_share(7, [7, 7, 9, 9], [8, 8, 8, 8], cores=16) is None  # 16 threads on 16 cores
+    assert threads.fair_share(7, [7, 7, 7], [8, 8, 8], cores=16) == 5
+    before = torch.get_num_threads()
+    with threads.at_most(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with threads.at_most(None):
+        assert torch.get_num_threads() == before
