@@ -58,3 +58,20 @@ def test_same_bits_under_a_bfloat16_default(monkeypatch, implementation):
     assert len(results) == len(expected)
     for number, (result, want) in enumerate(zip(results, expected)):
         assert result.dtype == want.dtype and torch.equal(result.nan_to_num(), want.nan_to_num()), f"result {number}"
+
+
+def test_sequences_longer_than_a_wave_under_a_bfloat16_default(monkeypatch):
+    """The CPU path merges the pieces of a long sequence in float32, whatever the default dtype."""
+    monkeypatch.setenv("DSINFRA_BACKEND", "torch")
+    monkeypatch.setattr("dsinfra.flash_mla.torch_impl.MAX_WAVE_TOKENS", 64)
+    inputs = paged_inputs([200, 3], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=16)
+    plan = flash_mla.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    args = (inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 64, *plan)
+    expected = flash_mla.flash_mla_with_kvcache(*args)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        result = flash_mla.flash_mla_with_kvcache(*args)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(torch.equal(a, b) for a, b in zip(result, expected))
