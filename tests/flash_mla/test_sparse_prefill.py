@@ -2,6 +2,10 @@
 with FlashMLA's bounds: out cos-diff, max_logits and lse within 1e-6 or 2/65536."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +116,28 @@ def test_bad_arguments():
         flash_mla.flash_mla_sparse_fwd(**dict(args, kv=args["kv"].expand(-1, 3, -1)))
     with pytest.raises(TypeError, match="sm_scale must be a float"):
         flash_mla.flash_mla_sparse_fwd(**dict(args, sm_scale=None))
+
+
+@pytest.mark.parametrize("case", ["plain", "two-kv-heads", "narrow-v"])
+def test_triton(monkeypatch, kernel_device, case):
+    monkeypatch.setenv("DSINFRA_BACKEND", "triton")
+    args = prefill_case(**CASES[case], s_q=3)
+    check({k: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests compile and run the kernel for real")
+def test_kernel_compiles_for_sm90():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-m", "tests.flash_mla.compile_sparse_prefill_for_gpu"],
+                         cwd=Path(__file__).resolve().parents[2], env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout.split("STACK:")[1]) < 512, run.stdout  # registers spill little, if at all
+
+
+@pytest.mark.gpu
+def test_triton_gpu_deepseek_shapes(monkeypatch):
+    monkeypatch.setenv("DSINFRA_BACKEND", "triton")
+    for d_qk in (576, 512):
+        args = prefill_case(s_q=64, s_kv=3000, h_q=128, d_qk=d_qk, d_v=512, topk=2048)
+        check({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
