@@ -91,8 +91,8 @@ def test_torch_many_waves(backend_torch, monkeypatch):
     check_against_reference(inputs, causal=True)
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["float32-pv", "low-precision-pv"])
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("native, fp8", [(False, False), (False, True), (True, False)],
+                         ids=["float32-pv", "float32-pv-fp8", "low-precision-pv"])
 def test_torch_both_ways_to_multiply_by_v(backend_torch, monkeypatch, native, fp8):
     """The CPU path multiplies the probabilities by V in float32, or in q's dtype
     where the CPU does that natively; each way over pieces, merges, rows that see
