@@ -11,10 +11,10 @@ from .inputs import paged_inputs, sink_values, sparse_indices
 
 def make_inputs():
     """Small inputs for every operation (made under the float32 default: random draws depend on it)."""
-    inputs = paged_inputs([300, 1, 0, 95], num_heads_q=16, seq_len_q=2, head_dim=160, head_dim_v=128, page_block_size=16)
+    inputs = paged_inputs([200, 1, 0, 45], num_heads_q=16, seq_len_q=2, head_dim=160, head_dim_v=128, page_block_size=16)
     return dict(
         inputs=inputs, indices=sparse_indices(inputs, 2, 24), sinks=(sink_values(16, seed=1), sink_values(16, seed=2)),
-        model1=paged_inputs([20], head_dim=512, head_dim_v=512, page_block_size=16).k_cache,
+        model1=paged_inputs([20], head_dim=512, head_dim_v=512, page_block_size=8).k_cache,
         prefill_indices=torch.randint(-2, 110, (7, 1, 12), dtype=torch.int32, generator=torch.Generator().manual_seed(0)),
     )
 

@@ -58,14 +58,11 @@ CASES = {
     "fp16": dict(dtype=torch.float16),
     "v32-fp8": dict(layout="v32", head_dim=160, head_dim_v=128),
     "v32-fp8-padded-blocks": dict(layout="v32", head_dim=160, head_dim_v=128, padded=True),
-    "model1-fp8": dict(layout="model1", head_dim=512, head_dim_v=512, heads=16, topk=24, extra_topk=16),
     "model1-fp8-padded-blocks": dict(layout="model1", head_dim=512, head_dim_v=512, heads=16, topk=24, extra_topk=16,
                                      padded=True),
     "no-extra-cache": dict(extra=False),
-    "sink-only": dict(extra=False, lengths=False),
-    "lengths-only": dict(extra=False, sink=False),
-    "extra-cache-only": dict(sink=False, lengths=False),
-    "one-query-deepseek-heads": dict(head_dim=576, head_dim_v=512, heads=64, seq_len_q=1, page=64, extra_page=64),
+    "one-query-deepseek-heads": dict(head_dim=576, head_dim_v=512, heads=64, seq_len_q=1, page=64, extra_page=64,
+                                     sink=False),
 }
 
 
@@ -75,7 +72,7 @@ def test_torch(monkeypatch, case):
     run_and_compare(sparse_case(**case))
 
 
-@pytest.mark.parametrize("case", ["plain", "v32-fp8-padded-blocks", "model1-fp8"])
+@pytest.mark.parametrize("case", ["v32-fp8-padded-blocks", "model1-fp8-padded-blocks"])
 def test_triton(monkeypatch, kernel_device, case):
     monkeypatch.setenv("DSINFRA_BACKEND", "triton")
     args = sparse_case(**CASES[case], seq_len_q=1)
