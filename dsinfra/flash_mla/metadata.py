@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 
 from dsinfra import backend
-from dsinfra.validation import check_positive, check_tensor
+from dsinfra.flash_mla.sched_meta import FlashMLASchedMeta
+from dsinfra.validation import check_positive, check_range, check_tensor
 
 ROWS_PER_PROGRAM = 64  # query rows one program of upstream's kernel serves
 MIN_SPLIT_TOKENS = 256
@@ -82,15 +83,19 @@ def plan_splits(lengths: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.
 
 
 def get_mla_metadata(
-    cache_seqlens: torch.Tensor,
-    num_q_tokens_per_head_k: int,
-    num_heads_k: int,
+    cache_seqlens: torch.Tensor | None = None,
+    num_q_tokens_per_head_k: int | None = None,
+    num_heads_k: int | None = None,
     num_heads_q: int | None = None,
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[FlashMLASchedMeta, None]:
     """Plan the split-KV work of one decoding step; call once per step and pass
     the result to every layer's :func:`flash_mla_with_kvcache`.
+
+    Called without arguments (FlashMLA's current interface), returns
+    ``(FlashMLASchedMeta(), None)``, which the first ``flash_mla_with_kvcache``
+    call fills (:mod:`dsinfra.flash_mla.sched_meta`).
 
     cache_seqlens: [batch], torch.int32, the sequences' lengths.
     num_q_tokens_per_head_k: seq_len_q * num_heads_q // num_heads_k.
@@ -103,9 +108,12 @@ def get_mla_metadata(
     Returns (tile_scheduler_metadata, num_splits), torch.int32, on
     cache_seqlens' device; their format is described in this module's docstring.
     """
+    if cache_seqlens is None and num_q_tokens_per_head_k is None and num_heads_k is None:
+        return FlashMLASchedMeta(), None
     check_tensor("cache_seqlens", cache_seqlens, dtype=torch.int32, ndim=1)
     if cache_seqlens.numel() == 0:
         raise ValueError("cache_seqlens must hold at least one sequence; got an empty tensor")
+    check_range("cache_seqlens", cache_seqlens, 0, 2**31)
     check_positive("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
     check_positive("num_heads_k", num_heads_k)
     if not isinstance(is_fp8_kvcache, bool):

@@ -1,5 +1,5 @@
-"""The CPU path of MLA decoding: vectorised PyTorch, bf16 matmuls with float32
-softmax statistics.
+"""The CPU path of MLA decoding (and sparse prefill): vectorised PyTorch, float32
+scores and softmax statistics.
 
 MLA decoding is a few large matmuls once the keys of a sequence are gathered:
 all query rows that share a KV head (seq_len_q x 128 heads for DeepSeek-V3)
@@ -9,61 +9,49 @@ multiply the same keys. So:
    pieces of similar lengths are grouped into waves, each padded to its longest
    piece and small enough to work in cache. A "sequence" is a batch entry, or
    for sparse attention a (batch entry, query position) pair.
-2. Per wave: the keys of all pieces are gathered at once (``index_select`` of
-   slots; padding and -1 slots are zeroed, so NaN in unused slots is never
-   multiplied), then one batched matmul gives the scores of every query row,
-   masked with -inf where a row must not see a key. Max, exp and sum run in
-   float32; one batched matmul multiplies the probabilities by V.
+2. Per wave: the keys of all pieces are gathered at once (one ``index_select``
+   of cache rows, :mod:`dsinfra.flash_mla.paged_cache`; padding and -1 slots are
+   zeroed, so NaN in unused slots is never multiplied), then one batched matmul
+   gives the scores of every query row, masked with -inf where a row must not
+   see a key. Max, exp and sum run in float32; one batched matmul multiplies
+   the probabilities by V.
 3. The pieces of each sequence are merged by their log-sum-exp.
 
-With few query rows per KV head (at most ``FUSED_MAX_ROWS``: 16 or 32 heads,
-as tensor parallelism leaves them), step 2's attention goes instead to
-PyTorch's fused CPU flash attention (``aten::_scaled_dot_product_flash_attention_for_cpu``:
-AMX matmuls with float32 scores, probabilities rounded to bf16), which is then
-1.5-2x faster; with 64 rows and more the batched matmuls below are as fast or
-faster (``docs/flash_mla.md``).
-
-Precision: the QKᵀ matmul takes float32 copies of the bf16 keys and queries
-(exact) and runs in oneDNN's bf16 mode (``torch.backends.mkldnn.matmul.
-fp32_precision = "bf16"``, set for the call only): bf16 products on AMX, float32
-accumulation, float32 scores. A bf16 matmul would round the scores to bf16,
-which moves peaked softmaxes by ~1e-4 in cos-diff and the lse by ~1e-2. The
-normalised probabilities are rounded to bf16 for the PV matmul, as FlashMLA
-rounds them, and its bf16 output is the result. fp16 inputs get exact float32
-scores instead (the bf16 mode would round fp16 values).
+Precision, without touching any process-wide setting: the QKᵀ matmul takes
+float32 copies of the keys and queries (exact widenings of bf16/fp16 values),
+so its products are exact and its sums float32. The PV matmul multiplies the
+float32 probabilities by those float32 keys, unless oneDNN computes q's dtype
+natively on this CPU (AVX512-BF16 or AMX for bf16, AVX512-FP16 for fp16): then
+the probabilities are rounded to q's dtype, as FlashMLA rounds them, and the PV
+matmul runs in q's dtype (exact products, float32 sums), which is faster there.
+Without native support a bf16 matmul is a slow scalar loop (a thousand times
+slower than float32 on an AVX2 machine).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import threading
-from collections.abc import Iterator
 
 import torch
 
-from dsinfra.flash_mla.fp8_cache import dequantize_k_cache
+from dsinfra.flash_mla.paged_cache import gather_tokens
 
 WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB), so that a wave's softmax works in cache
 MAX_WAVE_TOKENS = 8192  # keys per wave: bounds the work space (35 MiB for 576-wide heads)
-FUSED_MAX_ROWS = 32  # query rows per KV head up to which PyTorch's fused CPU attention serves a wave
 MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 % or 256 keys (a wave costs ~0.3 ms)
+PREFILL_CHUNK_BYTES = 8 << 20  # float32 keys and scores per step of the sparse prefill
 
 
-@contextlib.contextmanager
-def matmul_precision(dtype: torch.dtype) -> Iterator[None]:
-    """float32 matmuls on bf16-exact inputs run as bf16 x bf16 -> fp32 on oneDNN
-    (AMX) for bf16 data, and exactly for fp16 data; restored afterwards."""
-    settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if settings is None or not hasattr(settings, "fp32_precision"):  # PyTorch before 2.9: plain float32
-        yield
-        return
-    previous = settings.fp32_precision
-    settings.fp32_precision = "bf16" if dtype == torch.bfloat16 else "ieee"
+@functools.lru_cache(maxsize=None)
+def native_matmul(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` (bf16 or fp16) matrices natively on this CPU."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
     try:
-        yield
-    finally:
-        settings.fp32_precision = previous
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError, TypeError):  # an older or leaner PyTorch build
+        return False
 
 
 def plan_waves(lengths: list[int], wave_tokens: int) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
@@ -107,62 +95,57 @@ def flash_mla_with_kvcache(
     """Arguments as :func:`dsinfra.flash_mla.flash_mla_with_kvcache`, already
     checked, with ``softmax_scale`` a float. The split plan is not needed here."""
     batch, seq_len_q, num_heads_q, head_dim = q.shape
-    num_heads_k, entry = k_cache.shape[2], k_cache.shape[3]
+    num_heads_k = k_cache.shape[2]
     if indices is None:
         sequences, queries_per_sequence = batch, seq_len_q
         lengths = cache_seqlens.tolist()
     else:
         sequences, queries_per_sequence = batch * seq_len_q, 1
         lengths = [indices.shape[2]] * sequences
+        indices = indices.contiguous()
     heads_per_k = num_heads_q // num_heads_k
     rows = queries_per_sequence * heads_per_k  # query rows per (sequence, KV head), ordered (query position, head)
     queries = (
         q.reshape(sequences, queries_per_sequence, num_heads_k, heads_per_k, head_dim)
         .transpose(1, 2)
         .reshape(sequences, num_heads_k, rows, head_dim)
+        .float()
     )
-    fused = rows <= FUSED_MAX_ROWS and q.device.type == "cpu"
-    if not fused:
-        queries = queries.float()
-    slots = k_cache.view(-1, num_heads_k * entry)  # one row per cache slot
+    pv_dtype = q.dtype if q.device.type != "cpu" or native_matmul(q.dtype) else torch.float32
     wave_tokens = max(1, min(MAX_WAVE_TOKENS, WAVE_SCORES // (num_heads_k * rows)))
     waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens)
     piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)
     piece_start = torch.tensor(piece_start, dtype=torch.long, device=q.device)
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
-    piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=q.dtype, device=q.device)
+    piece_out = torch.empty(len(piece_start), num_heads_k, rows, head_dim, dtype=pv_dtype, device=q.device)
     piece_lse = torch.empty(len(piece_start), num_heads_k, rows, dtype=torch.float32, device=q.device)
     largest = max(((end - first) * padded * num_heads_k for first, end, padded in waves), default=0)  # keys per wave
-    gather_buffer = workspace("gather", largest * entry, k_cache.dtype, q.device)
-    if not fused:
-        keys32_buffer = workspace("keys32", largest * head_dim, torch.float32, q.device)
-        scores_buffer = workspace("scores", largest * rows, torch.float32, q.device)
-        probs_buffer = workspace("probs", largest * rows, q.dtype, q.device)
+    keys_buffer = workspace("keys", largest * head_dim, q.dtype, q.device)
+    keys32_buffer = workspace("keys32", largest * head_dim, torch.float32, q.device)
+    scores_buffer = workspace("scores", largest * rows, torch.float32, q.device)
+    probs_buffer = workspace("probs", largest * rows, pv_dtype, q.device) if pv_dtype != torch.float32 else None
 
-    with matmul_precision(q.dtype):
-        for first, end, padded in waves:
-            wave, pieces = slice(first, end), (end - first) * num_heads_k
-            slot, visible = wave_slots(
-                piece_sequence[wave], piece_start[wave], padded, queries_per_sequence,
-                block_table, cache_seqlens, k_cache.shape[1], causal, indices,
-            )
-            gathered = torch.index_select(slots, 0, slot.flatten(), out=view(gather_buffer, slot.numel(), num_heads_k * entry))
-            gathered = gathered.view(-1, num_heads_k, entry)
-            if is_fp8_kvcache:
-                gathered = dequantize_k_cache(gathered, head_dim, head_dim_v, q.dtype)
-            unused = ~visible.any(dim=1).flatten()
-            if bool(unused.any()):  # padding and -1 slots: zeros, so 0 * NaN never happens
-                gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
-            keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(pieces, padded, head_dim)
-            wave_queries = queries.index_select(0, piece_sequence[wave]).flatten(0, 1)
-            out, lse = piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1)
-            if fused:
-                attend_fused(wave_queries, keys, visible, softmax_scale, out, lse)
-            else:
-                attend(
-                    wave_queries, keys, visible, softmax_scale, view(keys32_buffer, pieces, padded, head_dim),
-                    view(scores_buffer, pieces, rows, padded), view(probs_buffer, pieces, rows, padded), out, lse,
-                )
+    for first, end, padded in waves:
+        wave, pieces = slice(first, end), (end - first) * num_heads_k
+        slot, visible = wave_slots(
+            piece_sequence[wave], piece_start[wave], padded, queries_per_sequence,
+            block_table, cache_seqlens, k_cache.shape[1], causal, indices,
+        )
+        gathered = gather_tokens(
+            k_cache, slot.flatten(), head_dim, head_dim_v, is_fp8_kvcache, q.dtype,
+            out=view(keys_buffer, slot.numel(), num_heads_k, head_dim),
+        )
+        unused = ~visible.any(dim=1).flatten()
+        if bool(unused.any()):  # padding and -1 slots: zeros, so 0 * NaN never happens
+            gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
+        keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(pieces, padded, head_dim)
+        keys32 = view(keys32_buffer, pieces, padded, head_dim).copy_(keys)
+        wave_queries = queries.index_select(0, piece_sequence[wave]).flatten(0, 1)
+        probs = None if probs_buffer is None else view(probs_buffer, pieces, rows, padded)
+        attend(
+            wave_queries, keys, keys32, visible, softmax_scale, view(scores_buffer, pieces, rows, padded), probs,
+            piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
+        )
 
     if max(lengths) <= wave_tokens:  # one piece per sequence at most: nothing to merge
         out = piece_out.new_zeros(sequences, num_heads_k, rows, head_dim_v)
@@ -229,53 +212,20 @@ def view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
     return buffer[: math.prod(shape)].view(shape)
 
 
-def attend_fused(
-    queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, softmax_scale: float,
-    out: torch.Tensor, lse: torch.Tensor,
-) -> None:
-    """:func:`attend` through PyTorch's fused CPU flash attention, for few rows per KV head.
-
-    queries: [pieces, rows, head_dim] in q's dtype; the other arguments as :func:`attend`.
-    The kernel takes V as wide as K, so V is the keys whole and its last channels
-    are dropped later, as :func:`attend` does. A row that sees nothing gets lse
-    -inf and zeros (the kernel would give lse 0).
-    """
-    count, queries_per_sequence, padded = visible.shape
-    pieces, rows, _ = queries.shape
-    layout = (count, pieces // count, queries_per_sequence, rows // queries_per_sequence)  # rows as (query position, head)
-    mask = None
-    if not bool(visible.all()):
-        hidden = torch.zeros(visible.shape, dtype=queries.dtype, device=queries.device).masked_fill_(~visible, float("-inf"))
-        mask = hidden[:, None, :, None, :].expand(*layout, padded).reshape(pieces, 1, rows, padded)
-    keys = keys[:, None]
-    result, row_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        queries[:, None], keys, keys, 0.0, False, attn_mask=mask, scale=softmax_scale
-    )
-    out.copy_(result[:, 0])
-    lse.copy_(row_lse[:, 0])
-    if mask is not None:
-        sees_nothing = ~visible.any(dim=-1)  # [count, queries_per_sequence]
-        if bool(sees_nothing.any()):
-            sees_nothing = sees_nothing[:, None, :, None].expand(layout).reshape(pieces, rows)
-            lse.masked_fill_(sees_nothing, float("-inf"))
-            out.masked_fill_(sees_nothing[..., None], 0)
-
-
 def attend(
-    queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, softmax_scale: float,
-    keys32: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    queries: torch.Tensor, keys: torch.Tensor, keys32: torch.Tensor, visible: torch.Tensor, softmax_scale: float,
+    scores: torch.Tensor, probs: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
 ) -> None:
     """Attention of each piece's query rows over its keys, V being the keys' first channels.
 
     queries: [pieces, rows, head_dim] float32, rows ordered (query position, head), pieces
     being count pieces times num_heads_k; keys: [pieces, padded, head_dim] in q's dtype,
-    zero where no query sees them; visible: [count, 1 or queries_per_sequence, padded] bool.
-    keys32 [pieces, padded, head_dim] float32, scores [pieces, rows, padded] float32 and
-    probs [pieces, rows, padded] in q's dtype are work space.
-    Writes out [pieces, rows, head_dim] in keys' dtype (normalised over the piece) and
-    lse [pieces, rows] float32 (-inf for rows that see nothing).
+    zero where no query sees them, and keys32 the same in float32; visible: [count, 1 or
+    queries_per_sequence, padded] bool. scores [pieces, rows, padded] float32 is work space;
+    probs [pieces, rows, padded] in q's dtype too, given when the PV matmul runs in q's dtype.
+    Writes out [pieces, rows, head_dim] (normalised over the piece) and lse [pieces, rows]
+    float32 (-inf for rows that see nothing, NaN for rows with NaN scores).
     """
-    keys32.copy_(keys)
     # scores * softmax_scale, scaled in float32 by the matmul (beta=0: the input is ignored)
     torch.baddbmm(queries.new_empty(1, 1, 1), queries, keys32.transpose(1, 2), beta=0, alpha=softmax_scale, out=scores)
     if not bool(visible.all()):
@@ -288,7 +238,10 @@ def attend(
     weights = scores.sub_(row_max).exp_()
     row_sum = weights.sum(dim=-1)
     weights.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-    torch.bmm(probs.copy_(weights), keys, out=out)  # all head_dim channels: keys stays one contiguous operand
+    if probs is None:
+        torch.bmm(weights, keys32, out=out)
+    else:
+        torch.bmm(probs.copy_(weights), keys, out=out)  # all head_dim channels: keys stays one contiguous operand
     torch.add(row_max.squeeze(-1), row_sum.log(), out=lse)
 
 
@@ -304,11 +257,67 @@ def merge_pieces(
     """
     shape = (sequences, *piece_lse.shape[1:])
     index = piece_sequence.view(-1, *[1] * (piece_lse.dim() - 1)).expand_as(piece_lse)
-    lse_max = torch.full(shape, float("-inf"), device=piece_lse.device).scatter_reduce_(0, index, piece_lse, "amax")
+    lse_max = torch.full(shape, float("-inf"), dtype=torch.float32, device=piece_lse.device)
+    lse_max.scatter_reduce_(0, index, piece_lse, "amax")
     lse_max.masked_fill_(lse_max == float("-inf"), 0.0)
     weight = torch.exp(piece_lse - lse_max[piece_sequence])
-    total = torch.zeros(shape, device=piece_lse.device).index_add_(0, piece_sequence, weight)
-    out = torch.zeros(*shape, piece_out.shape[-1], device=piece_out.device)
+    total = torch.zeros(shape, dtype=torch.float32, device=piece_lse.device).index_add_(0, piece_sequence, weight)
+    out = torch.zeros(*shape, piece_out.shape[-1], dtype=torch.float32, device=piece_out.device)
     out.index_add_(0, piece_sequence, piece_out * weight[..., None])
     out.div_(total.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
     return out, lse_max + total.log()
+
+
+def flash_mla_sparse_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arguments as :func:`dsinfra.flash_mla.flash_mla_sparse_fwd`, already checked.
+
+    Per KV head, queries in chunks whose float32 keys and scores take about
+    ``PREFILL_CHUNK_BYTES``: one ``index_select`` gathers each query's top-k rows
+    (rows of ignored positions are zeroed: they may hold NaN), one batched
+    matmul gives the scores, the softmax runs in float32, one batched matmul
+    multiplies by V, all in float32.
+    """
+    s_q, h_q, d_qk = q.shape
+    s_kv, h_kv, _ = kv.shape
+    topk = indices.shape[-1]
+    heads = h_q // h_kv
+    out = torch.empty(s_q, h_q, d_v, dtype=q.dtype, device=q.device)
+    max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    positions = torch.arange(topk, device=q.device)
+    chunk = max(1, PREFILL_CHUNK_BYTES // (4 * topk * (d_qk + heads)))
+    for group in range(h_kv):
+        head = slice(group * heads, (group + 1) * heads)
+        for start in range(0, s_q, chunk):
+            rows = slice(start, min(start + chunk, s_q))
+            selected = indices[rows, group].long()  # [c, topk]
+            valid = (selected >= 0) & (selected < s_kv)
+            if topk_length is not None:
+                valid &= positions < topk_length[rows, None]
+            keys = kv[:, group].index_select(0, torch.where(valid, selected, 0).flatten())
+            keys = keys.view(*selected.shape, d_qk).float().masked_fill_(~valid[..., None], 0.0)
+            scores = torch.bmm(q[rows, head].float(), keys.transpose(1, 2)).mul_(sm_scale)  # [c, heads, topk]
+            scores.masked_fill_(~valid[:, None, :], float("-inf"))
+            row_max = scores.amax(dim=-1)
+            shift = row_max.masked_fill(row_max == float("-inf"), 0.0)  # rows that see nothing: exp(-inf - 0) = 0
+            weights = scores.sub_(shift[..., None]).exp_()
+            row_sum = weights.sum(dim=-1)
+            weights.div_(row_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+            part_out = torch.bmm(weights, keys[..., :d_v])
+            part_lse = shift + row_sum.log()  # -inf where a row sees nothing
+            sees_nothing = part_lse == float("-inf")
+            if attn_sink is not None:
+                kept = torch.sigmoid(part_lse - attn_sink[head]).masked_fill_(sees_nothing, 1.0)
+                part_out.mul_(kept[..., None])
+            out[rows, head] = part_out
+            max_logits[rows, head] = row_max
+            lse[rows, head] = part_lse.masked_fill_(sees_nothing, float("inf"))
+    return out, max_logits, lse

@@ -272,3 +272,4 @@ def flash_mla_with_kvcache(
         HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad, BLOCK_M=block_m, num_warps=num_warps,
     )
     return out, lse
+from dsinfra.flash_mla.triton_sparse_prefill import flash_mla_sparse_fwd  # noqa: E402,F401  (sparse prefill)

@@ -84,3 +84,21 @@ def sparse_indices(inputs: Inputs, seq_len_q: int, topk: int, *, seed: int = 0) 
     indices = torch.stack(rows).int()
     indices[0, -1] = -1
     return indices
+
+
+def padded_blocks(cache: torch.Tensor, spare_tokens: int = 1) -> torch.Tensor:
+    """``cache`` as a slice of a buffer with ``spare_tokens`` more tokens per block (blocks lie
+    further apart than the page, as FlashMLA's tests make FP8 caches); the spare tokens hold NaN."""
+    num_blocks, page = cache.shape[:2]
+    buffer = torch.empty(num_blocks, page + spare_tokens, *cache.shape[2:], dtype=cache.dtype)
+    buffer.view(torch.uint8).fill_(0xFF)  # NaN in bf16, fp16 and float8_e4m3fn alike
+    buffer[:, :page] = cache
+    return buffer[:, :page]
+
+
+def sink_values(num_heads: int, *, seed: int) -> torch.Tensor:
+    """[num_heads] float32 attention sinks: random, with +inf, -inf, a large and a very negative value."""
+    sink = randn(num_heads, seed=seed)
+    specials = torch.tensor([float("inf"), float("-inf"), 30.0, -30.0])
+    sink[: min(num_heads, 4)] = specials[: min(num_heads, 4)]
+    return sink

@@ -1,8 +1,6 @@
 """Every implementation against the reference, through the public API, with
 FlashMLA's bound: cos-diff (calc_diff) < 1e-5 on out and lse."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,11 +8,11 @@ from hypothesis import strategies as st
 
 from dsinfra import flash_mla
 from dsinfra.flash_mla import metadata, reference
-from dsinfra.testing import calc_diff, seq_lengths
+from dsinfra.testing import seq_lengths
 
+from .checks import BOUND, assert_matches
 from .inputs import paged_inputs, sparse_indices
 
-BOUND = 1e-5
 # On a handful of output values the bf16 rounding of the probabilities (FlashMLA
 # rounds them too) does not average out: tiny random problems get a looser bound.
 SMALL_PROBLEM_BOUND = 5e-5
@@ -48,15 +46,7 @@ def check_against_reference(inputs, *, causal=False, indices=None, fp8=False, pa
     expected_out, expected_lse = reference.flash_mla_with_kvcache(
         *cpu, inputs.q.shape[-1] ** -0.5, causal, fp8, None if indices is None else indices.cpu()
     )
-    out, lse = out.cpu(), lse.cpu()
-    assert out.shape == expected_out.shape and out.dtype == inputs.q.dtype
-    assert lse.shape == expected_lse.shape and lse.dtype == torch.float32
-    assert not out.isnan().any() and not lse.isnan().any()
-    empty = expected_lse == math.inf
-    assert torch.equal(lse == math.inf, empty), "queries that see nothing must get lse = +inf"
-    assert (out.transpose(1, 2)[empty] == 0).all(), "queries that see nothing must get out = 0"
-    assert calc_diff(out.float(), expected_out.float()) < bound
-    assert calc_diff(lse[~empty], expected_lse[~empty]) < bound
+    assert_matches(out, lse, expected_out, expected_lse, bound=bound)
 
 
 # (lengths, num_heads_q, num_heads_k, seq_len_q, head_dim, head_dim_v, page_block_size, dtype, q_scale)
@@ -101,16 +91,15 @@ def test_torch_many_waves(backend_torch, monkeypatch):
     check_against_reference(inputs, causal=True)
 
 
-@pytest.mark.parametrize("fused_max_rows", [0, 1 << 20], ids=["batched-matmuls", "fused-attention"])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_torch_both_ways_to_attend(backend_torch, monkeypatch, fused_max_rows, fp8):
-    """The CPU path attends through its batched matmuls or PyTorch's fused CPU
-    attention, by the rows per KV head; each way over pieces, merges, rows that
-    see nothing, a peaked softmax, the FP8 cache and sparse indices, whatever
-    the head count would choose."""
+@pytest.mark.parametrize("native, fp8", [(False, False), (False, True), (True, False)],
+                         ids=["float32-pv", "float32-pv-fp8", "low-precision-pv"])
+def test_torch_both_ways_to_multiply_by_v(backend_torch, monkeypatch, native, fp8):
+    """The CPU path multiplies the probabilities by V in float32, or in q's dtype
+    where the CPU does that natively; each way over pieces, merges, rows that see
+    nothing, a peaked softmax, the FP8 cache and sparse indices."""
     from dsinfra.flash_mla import torch_impl
 
-    monkeypatch.setattr(torch_impl, "FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(torch_impl, "native_matmul", lambda dtype: native)
     monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", 96)
     inputs = paged_inputs([300, 1, 95, 0, 250], num_heads_q=64, seq_len_q=2, head_dim=64, head_dim_v=64,
                           page_block_size=16, q_scale=3.0)

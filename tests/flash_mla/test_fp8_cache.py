@@ -50,3 +50,33 @@ def test_bad_arguments():
         dequantize_k_cache(fp8[..., :-2], 160, 128)
     with pytest.raises(TypeError, match="k_cache must have dtype float8_e4m3fn or uint8"):
         dequantize_k_cache(k_cache, 160, 128)
+
+
+def test_model1_layout():
+    """FlashMLA's MODEL1 layout: per block, every token's 448 FP8 + 64 bf16 values, then
+    every token's 7 power-of-two scales (UE8M0) and a byte of padding."""
+    k_cache = randn(3, 16, 1, 512, seed=3, dtype=torch.bfloat16)
+    k_cache[1, 5, 0, 64:128] *= 100  # a tile with its own, larger scale
+    fp8 = quantize_k_cache(k_cache, 512, "model1")
+    assert fp8.dtype == torch.float8_e4m3fn and fp8.shape == (3, 16, 1, 584) and fp8.is_contiguous()
+    block = fp8[1].view(torch.uint8).flatten()
+    data, exponents = block[5 * 576:6 * 576], block[16 * 576 + 5 * 8:16 * 576 + 5 * 8 + 7]
+    assert torch.equal(data[448:].view(torch.bfloat16), k_cache[1, 5, 0, 448:])
+    scales = torch.exp2(exponents.double() - 127)
+    amax = k_cache[1, 5, 0, :448].double().abs().view(7, 64).amax(dim=1)
+    assert ((scales >= amax / 448) & (scales < 2 * amax / 448)).all() and scales[1] > 50 * scales[0]
+    value = data[:448].view(torch.float8_e4m3fn).double() * scales.repeat_interleave(64)
+    back = dequantize_k_cache(fp8, 512, 512)
+    assert torch.equal(back[1, 5, 0, :448], value.to(torch.bfloat16))
+    assert torch.equal(back[..., 448:], k_cache[..., 448:]) and calc_diff(back.float(), k_cache.float()) < 1e-3
+    apart = torch.empty(3, 17, 1, 584, dtype=fp8.dtype)[:, :16].copy_(fp8)  # blocks further apart
+    assert torch.equal(dequantize_k_cache(apart, 512, 512), back)
+
+
+def test_model1_bad_arguments():
+    with pytest.raises(ValueError, match="the MODEL1 layout holds head_dim 512 and head_dim_v 512 for one KV head"):
+        quantize_k_cache(randn(2, 16, 1, 576, seed=4), 512, "model1")
+    with pytest.raises(ValueError, match="layout must be one of v32, model1; got 'v4'"):
+        quantize_k_cache(randn(2, 16, 1, 576, seed=4), 512, "v4")
+    with pytest.raises(ValueError, match=r"k_cache must hold 528 bytes per token \(or 584, the MODEL1 layout\)"):
+        dequantize_k_cache(torch.zeros(2, 16, 1, 600, dtype=torch.uint8), 512, 512)
