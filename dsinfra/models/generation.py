@@ -14,7 +14,7 @@ forwards, each MoE layer meeting the others in deep_ep's dispatch and combine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     block_size: int = 64,
     group: dist.ProcessGroup | None = None,
+    after_prefill: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """The greedy continuation of each prompt: the new token ids, one list per prompt.
 
@@ -42,6 +43,8 @@ def generate(
         for none): a prompt whose last new token is one of them stops there.
     block_size: tokens per block of the paged cache.
     group: the expert-parallel group, when the model's experts are spread over one.
+    after_prefill: called once between the prefill and the first decoding step
+        (on a group: to move the experts by a plan made from the prefill's routing).
     """
     config = model.config
     prompts = [_checked_prompt(i, p, config.vocab_size) for i, p in enumerate(prompts)]
@@ -74,6 +77,8 @@ def generate(
                 running[i] = token not in eos
         if step == max_new_tokens - 1 or not _any_running(running, group, device):
             break
+        if step == 0 and after_prefill is not None:
+            after_prefill()
         batch = decode_batch(cache) if cache is not None else TokenBatch([], positions_of([], device), decoding=True)
         batch.extra = extra
         next_tokens = model.logits(model.hidden_states(next_tokens, batch)).argmax(-1)

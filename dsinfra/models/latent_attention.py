@@ -9,8 +9,11 @@ with transformers' parameter names.
   (see :mod:`dsinfra.models.mla`); with V3.2's indexer, over the keys it
   selected, through flash_mla's sparse ``indices``.
 
-An FP8 ``kv_b_proj`` is dequantised for the absorption on every call, as
-DeepSeek's inference does, so no second copy of it is kept.
+FP8 checkpoints: every projection casts its input per token (1x128) for
+DeepGEMM but ``kv_b_proj``, which decoding absorbs into the queries and
+outputs: as DeepSeek's inference does, its weight is dequantised (one layer
+at a time, on every call, so no second copy is kept) and the latents it
+multiplies stay unquantized, in prefill too, so both agree.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class LatentAttention(nn.Module):
     def _prefill(self, q_nope, q_pe, latent, k_pe, batch: TokenBatch, selected) -> torch.Tensor:
         """Expanded attention, causal (and limited to the indexer's choices), per sequence."""
         c = self.config
-        k_nope, v = self.kv_b_proj(latent).unflatten(-1, (c.num_attention_heads, -1)).split([c.qk_nope_head_dim, c.v_head_dim], -1)
+        kv = F.linear(latent, self.kv_b_proj.dequantized(latent.dtype))  # unquantized latents, as decoding reads them
+        k_nope, v = kv.unflatten(-1, (c.num_attention_heads, -1)).split([c.qk_nope_head_dim, c.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(-1, c.num_attention_heads, -1)], dim=-1)
         out = torch.empty(*q.shape[:-1], c.v_head_dim, dtype=q.dtype, device=q.device)

@@ -48,16 +48,18 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, batch.decoding) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class PretrainedModel(nn.Module):
     """A loaded checkpoint: ``model.embed_tokens``, ``model.layers``,
     ``model.norm``, ``lm_head``; ``config`` is its :class:`CheckpointConfig`.
 
-    ``dtype``: the dtype of its activations and float weights; ``cache_dtype``:
-    the paged latent cache's (bfloat16, or float16 for float16 models: what
-    FlashMLA decodes); ``path``: the checkpoint, re-read when experts move.
+    ``dtype``: the dtype of its activations and float weights. ``cache_dtype``:
+    the paged latent cache's, one FlashMLA decodes: bfloat16 for bfloat16
+    models, float16 (3 more bits) for float16 and float32 ones; settable.
+    ``path``: the checkpoint, re-read when experts move.
     """
 
     def __init__(self, config: CheckpointConfig, model: nn.Module, lm_head: Linear, *, dtype: torch.dtype, path: str):
@@ -66,7 +68,7 @@ class PretrainedModel(nn.Module):
         self.model = model
         self.lm_head = lm_head
         self.dtype = dtype
-        self.cache_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        self.cache_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
         self.path = path
 
     @property
@@ -161,6 +163,26 @@ def load_pretrained(
     return PretrainedModel(config, model, lm_head, dtype=dtype, path=os.fspath(path)).eval()
 
 
+def read_experts(model: PretrainedModel, placement: list[list[int]]) -> list[GroupedExperts]:
+    """Read from ``model``'s checkpoint, for each MoE layer, the logical experts
+    ``placement[layer]`` (one per slot, replicas repeated), stacked."""
+    config = model.config
+    reader = _Reader(Checkpoint(model.path), model.dtype, model.device)
+    prefixes = [f"model.layers.{i}.mlp." for i, moe in enumerate(config.moe_layers) if moe]
+    if len(placement) != len(prefixes):
+        raise ValueError(f"placement must list the experts of each of the {len(prefixes)} MoE layers")
+    return [
+        reader.experts(prefix, _checked_placement(config, i, logical), config.hidden_size, config.moe_intermediate_size)
+        for i, (prefix, logical) in enumerate(zip(prefixes, placement))
+    ]
+
+
+def _checked_placement(config: CheckpointConfig, moe_index: int, logical: list[int]) -> list[int]:
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < config.n_routed_experts for e in logical):
+        raise ValueError(f"expert_placement[{moe_index}] must hold expert ids in [0, {config.n_routed_experts}); got {logical}")
+    return list(logical)
+
+
 class _Reader:
     """Reads the checkpoint's tensors into modules, checking shapes against the config."""
 
@@ -226,10 +248,7 @@ def _mlp(reader: _Reader, prefix: str, hidden: int, inter: int) -> GatedMLP:
 
 def _moe(reader: _Reader, config: CheckpointConfig, prefix: str, moe_index: int, placement: list[int] | None) -> SparseMoE:
     experts = config.n_routed_experts
-    if placement is None:
-        placement = list(range(experts))
-    if any(not 0 <= e < experts for e in placement):
-        raise ValueError(f"expert_placement[{moe_index}] must hold expert ids in [0, {experts}); got {placement}")
+    placement = list(range(experts)) if placement is None else _checked_placement(config, moe_index, placement)
     bias_name = prefix + "gate.e_score_correction_bias"
     gate = Router(
         config,

@@ -45,15 +45,16 @@ class SparseMoE(nn.Module):
         self.dispatcher = None
         self.recorder = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]; ``decoding``: the
+        tokens are a decoding step's (the dispatcher may pick its mode by it)."""
         weights, experts = self.gate(x)
         if self.recorder is not None:
             self.recorder.record(self.moe_index, experts)
         if self.dispatcher is None:
             routed = self.experts(x, experts, weights)
         else:
-            routed = self.dispatcher(self.experts, x, experts, weights)
+            routed = self.dispatcher(self.experts, x, experts, weights, decoding)
         if self.shared_experts is not None:
             routed = routed.float() + self.shared_experts(x).float()
         return routed.to(x.dtype)

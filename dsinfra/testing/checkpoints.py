@@ -214,3 +214,62 @@ def load_reference(path: str | os.PathLike, *, dtype: torch.dtype | None = None)
 
     kwargs = {} if dtype is None else {"dtype": dtype}
     return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def fp8_reference(path: str | os.PathLike, fp8_path: str | os.PathLike):
+    """transformers' model of ``path`` computing what dsinfra computes for an FP8
+    copy of it (:func:`quantize_checkpoint`, in ``fp8_path``), as transformers'
+    FP8 path on GPUs does (DeepGEMM / Triton kernels; on a CPU transformers only
+    dequantises): the FP8 weights, dequantised; the input of every quantized
+    projection cast per token in 1x128 groups, but ``kv_b_proj``'s (MLA absorbs
+    that weight, dequantised, as DeepSeek's inference does); each expert
+    projection's output rounded to bf16 (DeepGEMM's grouped GEMMs write bf16)."""
+    from safetensors import safe_open
+
+    from dsinfra.fp8 import per_block_cast_back, per_token_cast_back, per_token_cast_to_fp8
+
+    model = load_reference(path)
+    model.config._experts_implementation = "eager"  # its loop over experts calls F.linear, cast below
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return per_token_cast_back(*per_token_cast_to_fp8(x), x.dtype)
+
+    quantized_linears = set()
+    files = [f for f in os.listdir(fp8_path) if f.endswith(".safetensors")]
+    with torch.no_grad():
+        for file in files:
+            with safe_open(os.path.join(fp8_path, file), framework="pt") as f:
+                for name in f.keys():
+                    if not name.endswith("_scale_inv"):
+                        continue
+                    weight_name = name[: -len("_scale_inv")]
+                    weight = per_block_cast_back(f.get_tensor(weight_name), f.get_tensor(name), torch.float32)
+                    parts = weight_name.split(".")
+                    if ".mlp.experts." in weight_name:  # model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight
+                        experts = model.get_submodule(".".join(parts[:5]))
+                        expert, projection = int(parts[5]), parts[6]
+                        inter = experts.intermediate_dim
+                        if projection == "down_proj":
+                            experts.down_proj[expert].copy_(weight)
+                        else:
+                            rows = slice(0, inter) if projection == "gate_proj" else slice(inter, 2 * inter)
+                            experts.gate_up_proj[expert, rows].copy_(weight)
+                        quantized_linears.add(".".join(parts[:5]))
+                    else:
+                        model.get_parameter(weight_name).copy_(weight)
+                        quantized_linears.add(".".join(parts[:-1]))
+    linear = torch.nn.functional.linear
+
+    def expert_linear(x, weight, bias=None):
+        return linear(cast(x), weight, bias).to(torch.bfloat16).to(x.dtype)
+
+    for name in quantized_linears:
+        module = model.get_submodule(name)
+        if name.endswith("kv_b_proj"):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _module, args: (cast(args[0]),))
+        else:  # the experts' loop calls F.linear on each expert's rows: swap it in for the call
+            module.register_forward_pre_hook(lambda *_: setattr(torch.nn.functional, "linear", expert_linear))
+            module.register_forward_hook(lambda *_: setattr(torch.nn.functional, "linear", linear))
+    return model
