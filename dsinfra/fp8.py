@@ -112,7 +112,7 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     rows = x.reshape(math.prod(x.shape[:-1]), k)
     x_fp8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(rows.shape[0], _ceil_div(k, GROUP), device=x.device)
+    scales = torch.empty(rows.shape[0], _ceil_div(k, GROUP), dtype=torch.float32, device=x.device)
     for chunk in _row_chunks(rows.shape[0], 4 * k, x.device):
         groups = _pad_last(rows[chunk].float(), GROUP).unflatten(-1, (-1, GROUP))
         amax = groups.abs().amax(dim=-1).clamp_(min=_AMAX_FLOOR)
@@ -151,7 +151,7 @@ def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("x", x, dtype=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
     n, k = x.shape
     x_fp8 = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(_ceil_div(n, GROUP), _ceil_div(k, GROUP), device=x.device)
+    scales = torch.empty(_ceil_div(n, GROUP), _ceil_div(k, GROUP), dtype=torch.float32, device=x.device)
     for chunk in _row_chunks(n, 4 * k, x.device, multiple=GROUP):
         padded = _pad_last(_pad_last(x[chunk].float(), GROUP).t(), GROUP).t()  # [rows padded, k padded]
         blocks = padded.unflatten(0, (-1, GROUP)).unflatten(2, (-1, GROUP))  # [row blocks, 128, kb, 128]

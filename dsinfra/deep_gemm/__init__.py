@@ -27,14 +27,28 @@ import torch
 from dsinfra import backend
 from dsinfra.deep_gemm.utils import (
     align,
+    cast_back_from_fp4,
     ceil_div,
+    ceil_to_ue8m0,
     get_col_major_tma_aligned_tensor,
+    get_k_alignment_for_contiguous_layout,
     get_m_alignment_for_contiguous_layout,
+    get_mk_alignment_for_contiguous_layout,
     get_num_sms,
+    get_theoretical_mk_alignment_for_contiguous_layout,
     get_tma_aligned_size,
+    pack_ue8m0_to_int,
+    per_block_cast_to_fp8,
+    per_channel_cast_to_fp8,
+    per_custom_dims_cast_to_fp8,
+    per_token_cast_to_fp4,
+    per_token_cast_to_fp8,
+    set_mk_alignment_for_contiguous_layout,
     set_num_sms,
+    transpose_packed_fp4,
+    unpack_ue8m0_from_int,
 )
-from dsinfra.fp8 import GROUP, per_block_cast_back, per_block_cast_to_fp8, per_token_cast_back, per_token_cast_to_fp8
+from dsinfra.fp8 import GROUP, per_block_cast_back, per_token_cast_back
 from dsinfra.testing import calc_diff
 from dsinfra.validation import check_positive, check_range, check_tensor
 
@@ -43,6 +57,8 @@ OPERATIONS = (
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "k_grouped_fp8_gemm_tn_contiguous",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
 )
 
 RECIPES = ((1, GROUP, GROUP), (1, 1, GROUP))  # (LHS rows, RHS rows, K) per scale
@@ -253,10 +269,18 @@ def k_grouped_fp8_gemm_tn_contiguous(
 # The FP8 linear layer uses the GEMMs above, hence imported last.
 from dsinfra.deep_gemm.linear import FP8Linear, FP8LinearFunction  # noqa: E402
 
+# The indexer's scores of DeepSeek-V3.2.
+from dsinfra.deep_gemm.mqa_logits import (  # noqa: E402
+    fp8_fp4_mqa_logits,
+    fp8_fp4_paged_mqa_logits,
+    fp8_mqa_logits,
+    fp8_paged_mqa_logits,
+    get_paged_mqa_logits_metadata,
+)
+
 # DeepGEMM's later names for the same operations.
 m_grouped_fp8_gemm_nt_contiguous = m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
 m_grouped_fp8_gemm_nt_masked = m_grouped_gemm_fp8_fp8_bf16_nt_masked
-get_mk_alignment_for_contiguous_layout = get_m_alignment_for_contiguous_layout
 get_mn_major_tma_aligned_tensor = get_col_major_tma_aligned_tensor
 
 __all__ = [
@@ -265,23 +289,39 @@ __all__ = [
     "OPERATIONS",
     "align",
     "calc_diff",
+    "cast_back_from_fp4",
     "ceil_div",
+    "ceil_to_ue8m0",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
     "fp8_gemm_nt",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
     "gemm_fp8_fp8_bf16_nt",
     "get_col_major_tma_aligned_tensor",
+    "get_k_alignment_for_contiguous_layout",
     "get_m_alignment_for_contiguous_layout",
     "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
+    "get_paged_mqa_logits_metadata",
+    "get_theoretical_mk_alignment_for_contiguous_layout",
     "get_tma_aligned_size",
     "k_grouped_fp8_gemm_tn_contiguous",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+    "pack_ue8m0_to_int",
     "per_block_cast_back",
     "per_block_cast_to_fp8",
+    "per_channel_cast_to_fp8",
+    "per_custom_dims_cast_to_fp8",
     "per_token_cast_back",
+    "per_token_cast_to_fp4",
     "per_token_cast_to_fp8",
+    "set_mk_alignment_for_contiguous_layout",
     "set_num_sms",
+    "transpose_packed_fp4",
+    "unpack_ue8m0_from_int",
 ]

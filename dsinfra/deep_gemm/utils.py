@@ -18,6 +18,8 @@ from dsinfra.validation import check_positive, check_tensor
 
 _TMA_ALIGNMENT_BYTES = 16
 _num_sms: int | None = None
+_MIN_MK_ALIGNMENT = 16
+_mk_alignment = GROUP
 
 
 def ceil_div(x: int, y: int) -> int:
@@ -53,13 +55,38 @@ def get_num_sms() -> int:
     return _num_sms if _num_sms is not None else backend.num_parallel_units(_default_device())
 
 
-def get_m_alignment_for_contiguous_layout() -> int:
-    """Row alignment of each group's segment in the contiguous grouped layout: 128.
+def set_mk_alignment_for_contiguous_layout(alignment: int) -> None:
+    """Set the row alignment of each group's segment in the contiguous grouped
+    layouts (M-grouped: rows of ``a``; K-grouped: rows of ``a`` and ``b``), a
+    positive multiple of 16 (DeepGEMM's kernels take 128, or multiples of 32 on
+    SM100). Every implementation here serves any such alignment."""
+    global _mk_alignment
+    check_positive("alignment", alignment)
+    if alignment % _MIN_MK_ALIGNMENT:
+        raise ValueError(f"alignment must be a multiple of {_MIN_MK_ALIGNMENT}; got {alignment}")
+    _mk_alignment = alignment
 
-    Every aligned block of 128 rows of ``lhs`` belongs to one group (rows marked
-    -1 aside), so a 128-row tile multiplies one ``rhs`` matrix.
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each group's segment in the contiguous grouped layouts: 128
+    unless :func:`set_mk_alignment_for_contiguous_layout` changed it.
+
+    Every aligned block of that many rows of ``lhs`` belongs to one group (rows
+    marked -1 aside), so a tile of rows multiplies one ``rhs`` matrix.
     """
+    return _mk_alignment
+
+
+def get_theoretical_mk_alignment_for_contiguous_layout(expected_m: int | None = None) -> int:
+    """The alignment DeepGEMM's kernels would pick for groups of about ``expected_m``
+    rows: 128 (its choice off SM100 GPUs, which dsinfra follows)."""
+    if expected_m is not None:
+        check_positive("expected_m", expected_m, allow_zero=True)
     return GROUP
+
+
+get_m_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
+get_k_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
@@ -93,3 +120,14 @@ def rhs_rows_per_scale(rhs_scales: torch.Tensor, n: int) -> int:
     """How many rows of an ``[n, k]`` RHS share a scale row: 128 for 128x128 block
     scales ``[ceil(n/128), ...]``, 1 for 1x128 scales ``[n, ...]`` (n = 1 reads alike)."""
     return 1 if rhs_scales.shape[-2] == n else GROUP
+
+
+# DeepGEMM's deep_gemm.utils also holds its casts and scale formats (they use the helpers above).
+from dsinfra.deep_gemm.casts import (  # noqa: E402,F401
+    per_block_cast_to_fp8,
+    per_channel_cast_to_fp8,
+    per_custom_dims_cast_to_fp8,
+    per_token_cast_to_fp8,
+)
+from dsinfra.deep_gemm.fp4 import cast_back_from_fp4, per_token_cast_to_fp4, transpose_packed_fp4  # noqa: E402,F401
+from dsinfra.deep_gemm.ue8m0 import ceil_to_ue8m0, pack_ue8m0_to_int, unpack_ue8m0_from_int  # noqa: E402,F401
