@@ -99,7 +99,7 @@ def _extra_caches(model, cache: PagedKVCache | None) -> dict:
     config = model.config
     if cache is None or not config.has_indexer:
         return {}
-    return {"indexer": IndexerCache(cache, config.num_hidden_layers, config.index_head_dim, model.dtype)}
+    return {"indexer": IndexerCache(cache, config.num_hidden_layers, config.index_head_dim, model.dtype, model.indexer_scoring)}
 
 
 def _any_running(running: list[bool], group: dist.ProcessGroup | None, device: torch.device) -> bool:

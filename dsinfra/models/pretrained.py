@@ -59,12 +59,16 @@ class PretrainedModel(nn.Module):
     ``dtype``: the dtype of its activations and float weights. ``cache_dtype``:
     the paged latent cache's, one FlashMLA decodes: bfloat16 for bfloat16
     models, float16 (3 more bits) for float16 and float32 ones; settable.
-    ``path``: the checkpoint, re-read when experts move.
+    ``path``: the checkpoint, re-read when experts move. ``indexer_scoring``:
+    how V3.2's indexer scores keys (see :mod:`dsinfra.models.indexer`).
     """
 
-    def __init__(self, config: CheckpointConfig, model: nn.Module, lm_head: Linear, *, dtype: torch.dtype, path: str):
+    def __init__(
+        self, config: CheckpointConfig, model: nn.Module, lm_head: Linear, *, dtype: torch.dtype, path: str, indexer_scoring: str
+    ):
         super().__init__()
         self.config = config
+        self.indexer_scoring = indexer_scoring
         self.model = model
         self.lm_head = lm_head
         self.dtype = dtype
@@ -112,7 +116,7 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     expert_placement: list[list[int]] | None = None,
-    indexer_scoring: str = "bf16",
+    indexer_scoring: str | None = None,
 ) -> PretrainedModel:
     """Load the checkpoint in directory ``path`` (config.json + safetensors).
 
@@ -121,13 +125,17 @@ def load_pretrained(
     device: where the model lives.
     expert_placement: per MoE layer, the logical experts this rank holds, one
         per slot (replicas repeat an expert); default: all of them, in order.
-    indexer_scoring: V3.2's indexer scores, "bf16" (float32 math on the
-        model's keys, the keys transformers selects); see :mod:`dsinfra.models.indexer`.
+    indexer_scoring: how V3.2's indexer scores keys: "bf16" (float32 math on
+        the model's keys: the keys transformers selects) or "fp8" (DeepGEMM's
+        FP8 MQA logits, as DeepSeek's inference); default "fp8" for FP8
+        checkpoints, else "bf16". See :mod:`dsinfra.models.indexer`.
 
     Raises :class:`CheckpointError` (one line) for a directory that cannot be loaded.
     """
     checkpoint = Checkpoint(path)
     config = checkpoint.config
+    if indexer_scoring is None:
+        indexer_scoring = "fp8" if config.fp8 else "bf16"
     if dtype is None:
         dtype = checkpoint.dtype("model.embed_tokens.weight")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -160,7 +168,7 @@ def load_pretrained(
         lm_head = Linear(model.embed_tokens.weight)
     else:
         lm_head = reader.linear("lm_head", config.vocab_size, h)
-    return PretrainedModel(config, model, lm_head, dtype=dtype, path=os.fspath(path)).eval()
+    return PretrainedModel(config, model, lm_head, dtype=dtype, path=os.fspath(path), indexer_scoring=indexer_scoring).eval()
 
 
 def read_experts(model: PretrainedModel, placement: list[list[int]]) -> list[GroupedExperts]:
