@@ -61,11 +61,10 @@ class Request:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsinfra.models.checkpoint import Checkpoint
-    from dsinfra.models.checkpoint_config import CheckpointError
+    from dsinfra.models import CheckpointError, load_pretrained
 
-    try:
-        config = Checkpoint(args.model).config
+    try:  # every tensor's name and shape, from the headers: nothing is read yet
+        config = load_pretrained(args.model, device="meta").config
     except CheckpointError as error:
         raise CommandError(f"--model {args.model}: {error}") from None
     tokenizer = _tokenizer(args.model) if args.prompt else None

@@ -122,7 +122,9 @@ def load_pretrained(
 
     dtype: of the activations and float weights; default: the checkpoint's
         (the dtype of its embeddings). FP8 weights stay FP8 either way.
-    device: where the model lives.
+    device: where the model lives; "meta" reads no weight but checks every
+        tensor the model needs against the config (names, shapes), from the
+        files' headers: a cheap check of a whole directory.
     expert_placement: per MoE layer, the logical experts this rank holds, one
         per slot (replicas repeat an expert); default: all of them, in order.
     indexer_scoring: how V3.2's indexer scores keys: "bf16" (float32 math on
@@ -198,7 +200,15 @@ class _Reader:
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
 
     def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.checkpoint.read(name, shape, dtype or self.dtype).to(self.device)
+        """The tensor ``name``, checked to have ``shape``, in ``dtype`` (default the
+        model's; FP8 stays FP8) on the device; on the meta device, from the header alone."""
+        dtype = dtype or self.dtype
+        if self.device.type != "meta":
+            return self.checkpoint.read(name, shape, dtype).to(self.device)
+        if self.checkpoint.shape(name) != tuple(shape):
+            self.checkpoint.read(name, shape)  # raises the mismatch
+        stored = self.checkpoint.dtype(name)
+        return torch.empty(shape, dtype=stored if stored == torch.float8_e4m3fn else dtype, device="meta")
 
     def is_fp8(self, name: str) -> bool:
         return name + "_scale_inv" in self.checkpoint
