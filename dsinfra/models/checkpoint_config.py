@@ -4,8 +4,10 @@ model needs: :func:`parse_config` and :class:`CheckpointConfig`.
 model_type ``deepseek_v2`` (DeepSeek-V2, V2-Lite, V2.5), ``deepseek_v3``
 (DeepSeek-V3, R1, V3.1) and ``deepseek_v32`` (DeepSeek-V3.2, with the lightning
 indexer), with the meaning transformers gives each field. Fields that a model
-does not use may be absent; a field whose value the code does not implement is
-refused with a :class:`CheckpointError` naming it, never ignored.
+does not use may be absent, and so may those whose default is the same for
+every model type; the others must be given. A field whose value the code
+does not implement is refused with a :class:`CheckpointError` naming it,
+never ignored.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """What config.json says about the model, with transformers' meaning.
+    """What config.json says about the model, with transformers' meaning; the
+    fields keep config.json's names (``moe_layers``, ``rope``, ``eos_token_ids``
+    and ``fp8`` are read from the fields noted at them).
 
     The routing: ``scoring_func`` turns the router's logits into scores
     (softmax, or sigmoid with a per-expert ``e_score_correction_bias`` added for
@@ -159,14 +163,14 @@ def parse_config(raw: dict[str, Any]) -> CheckpointConfig:
     scoring_func = fields.optional("scoring_func", scoring)
     if scoring_func != scoring:
         raise CheckpointError(f"scoring_func {scoring_func!r} is not supported for {model_type}; {model_type} scores with {scoring}")
-    norm_topk_prob = bool(fields.optional("norm_topk_prob", model_type != "deepseek_v2"))
+    norm_topk_prob = bool(fields.optional("norm_topk_prob", False) if model_type == "deepseek_v2" else fields.required("norm_topk_prob"))
     if model_type == "deepseek_v2" and norm_topk_prob:
         raise CheckpointError("norm_topk_prob true is not supported for deepseek_v2 (transformers' DeepseekV2 ignores it)")
     routed = fields.int("n_routed_experts") if any(moe_layers) else 0
     topk = fields.int("num_experts_per_tok") if any(moe_layers) else 0
     grouped = topk_method != "greedy"
-    n_group = fields.int("n_group", 1) if grouped else 1
-    topk_group = fields.int("topk_group", 1) if grouped else 1
+    n_group = fields.int("n_group") if grouped else 1
+    topk_group = fields.int("topk_group") if grouped else 1
     if routed:
         if routed % n_group:
             raise CheckpointError(f"n_routed_experts ({routed}) must be divisible by n_group ({n_group})")
@@ -178,7 +182,7 @@ def parse_config(raw: dict[str, Any]) -> CheckpointConfig:
     if rope_dim % 2:
         raise CheckpointError(f"qk_rope_head_dim must be even; got {rope_dim}")
     max_positions = fields.int("max_position_embeddings")
-    q_lora_rank = fields.optional("q_lora_rank", None)
+    q_lora_rank = fields.required("q_lora_rank")  # null: queries projected directly
     if q_lora_rank is not None:
         q_lora_rank = fields.int("q_lora_rank")
     elif model_type == "deepseek_v32":
@@ -202,14 +206,14 @@ def parse_config(raw: dict[str, Any]) -> CheckpointConfig:
         intermediate_size=fields.int("intermediate_size") if not all(moe_layers) else 0,
         moe_intermediate_size=fields.int("moe_intermediate_size") if any(moe_layers) else 0,
         n_routed_experts=routed,
-        n_shared_experts=fields.int("n_shared_experts", 0, minimum=0) if any(moe_layers) else 0,
+        n_shared_experts=fields.int("n_shared_experts", 0, minimum=0) if any(moe_layers) else 0,  # null: none
         num_experts_per_tok=topk,
         n_group=n_group,
         topk_group=topk_group,
         topk_method=topk_method,
         scoring_func=scoring_func,
         norm_topk_prob=norm_topk_prob,
-        routed_scaling_factor=fields.float("routed_scaling_factor", 1.0),
+        routed_scaling_factor=fields.float("routed_scaling_factor", None),
         moe_layers=moe_layers,
         rms_norm_eps=fields.float("rms_norm_eps", 1e-6),
         rope=_rope(fields, max_positions),
@@ -232,6 +236,13 @@ class _Fields:
         value = self.raw.get(name)
         return default if value is None else value
 
+    def required(self, name: str) -> Any:
+        """A field that must be present (transformers' default differs between
+        model types, or null has a meaning of its own); its value may be null."""
+        if name not in self.raw:
+            raise CheckpointError(f"config.json lacks {name}")
+        return self.raw[name]
+
     def int(self, name: str, default: int | None = None, *, minimum: int = 1) -> int:
         value = self.optional(name, default)
         if value is None:
@@ -240,8 +251,10 @@ class _Fields:
             raise CheckpointError(f"config.json: {name} must be an integer >= {minimum}; got {value!r}")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: str, default: float | None) -> float:
         value = self.optional(name, default)
+        if value is None:
+            raise CheckpointError(f"config.json lacks {name}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise CheckpointError(f"config.json: {name} must be a positive number; got {value!r}")
         return float(value)
@@ -264,7 +277,7 @@ def _moe_layers(fields: _Fields, model_type: str, num_layers: int) -> tuple[bool
         if not isinstance(types, list) or len(types) != num_layers or any(t not in ("dense", "sparse") for t in types):
             raise CheckpointError(f"config.json: mlp_layer_types must list 'dense' or 'sparse' for each of the {num_layers} layers")
         return tuple(t == "sparse" for t in types)
-    first_dense = fields.int("first_k_dense_replace", 0, minimum=0)
+    first_dense = fields.int("first_k_dense_replace", minimum=0)
     frequency = fields.int("moe_layer_freq", 1)
     return tuple(layer >= first_dense and layer % frequency == 0 for layer in range(num_layers))
 
