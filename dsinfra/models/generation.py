@@ -67,7 +67,7 @@ def generate(
     batch.extra = extra
     tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
     hidden = model.hidden_states(tokens, batch)
-    last_rows = torch.tensor(lengths, device=device).cumsum(0) - 1
+    last_rows = torch.tensor(lengths, dtype=torch.int64, device=device).cumsum(0) - 1
     next_tokens = model.logits(hidden[last_rows]).argmax(-1)
     running = [True] * len(prompts)
     for step in range(max_new_tokens):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsinfra.models.checkpoint_config import CheckpointConfig
-from dsinfra.models.linear import Linear
 from dsinfra.models.rope import Rotary, rotate
 from dsinfra.models.token_batch import TokenBatch
 
@@ -39,13 +38,9 @@ class LatentAttention(nn.Module):
         self.config = config
         self.layer = layer
         self.rotary = rotary
+        self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = self.indexer = None
         for name, module in modules.items():
             setattr(self, name, module)
-        if config.q_lora_rank is None:
-            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
-        else:
-            self.q_proj = None
-        self.indexer = modules.get("indexer")
 
     def forward(self, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """x: [num_tokens, hidden], the batch's new tokens -> [num_tokens, hidden]."""

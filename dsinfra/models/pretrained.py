@@ -27,7 +27,7 @@ from torch import nn
 
 from dsinfra.models.checkpoint import Checkpoint
 from dsinfra.models.checkpoint_config import CheckpointConfig, CheckpointError
-from dsinfra.models.grouped_experts import PROJECTIONS, GroupedExperts
+from dsinfra.models.grouped_experts import GroupedExperts
 from dsinfra.models.indexer import Indexer
 from dsinfra.models.latent_attention import LatentAttention
 from dsinfra.models.layers import RMSNorm
@@ -138,9 +138,12 @@ def load_pretrained(
     config = checkpoint.config
     if indexer_scoring is None:
         indexer_scoring = "fp8" if config.fp8 else "bf16"
+    floats = (torch.float32, torch.bfloat16, torch.float16)
     if dtype is None:
         dtype = checkpoint.dtype("model.embed_tokens.weight")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in floats:
+            raise CheckpointError(f"model.embed_tokens.weight must be float32, bfloat16 or float16; got {dtype}")
+    elif dtype not in floats:
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16; got {dtype}")
     reader = _Reader(checkpoint, dtype, torch.device(device))
     if expert_placement is not None and len(expert_placement) != config.num_moe_layers:

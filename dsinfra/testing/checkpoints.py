@@ -44,6 +44,7 @@ _COMMON = dict(
     eos_token_id=1,
     tie_word_embeddings=False,
 )
+_V3 = dict(_COMMON, q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
 TINY_CONFIGS = {
     # V2-Lite's shape of routing: softmax scores, no low-rank queries, 2 shared experts
     "deepseek_v2": dict(
@@ -61,13 +62,7 @@ TINY_CONFIGS = {
     ),
     # V3 / R1: sigmoid scores with correction biases, group-limited top-k, YaRN
     "deepseek_v3": dict(
-        _COMMON,
-        q_lora_rank=48,
-        n_shared_experts=1,
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
+        _V3,
         rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32,
             mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1,
@@ -75,13 +70,7 @@ TINY_CONFIGS = {
     ),
     # V3.2: V3 with the lightning indexer; index_topk well below the prompts' lengths
     "deepseek_v32": dict(
-        _COMMON,
-        q_lora_rank=48,
-        n_shared_experts=1,
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
+        _V3,
         index_topk=6,
         index_n_heads=4,
         index_head_dim=32,

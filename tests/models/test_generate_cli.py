@@ -64,3 +64,14 @@ def test_bad_arguments_are_refused(checkpoint, capsys):
         assert cli.main(["generate", "--model", path, *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_rank_without_prompts_and_fp8_experts_behind_low_latency_dispatch(checkpoint):
+    """One prompt on two ranks: rank 1 serves none but holds experts (and takes
+    part in every dispatch); bf16 activations with FP8 experts decode through
+    the low-latency mode and DeepGEMM's masked grouped GEMM."""
+    from dsinfra.models.cli import Request, generate_on_rank
+    from dsinfra.testing import spawn
+
+    request = Request(str(checkpoint("v3-fp8")), [[106, 147, 231, 100, 114, 91, 93, 204]], 4, "bfloat16", "cpu", 0)
+    assert spawn(generate_on_rank, 2, request)[0] == generate_on_rank(0, 1, None, request)
