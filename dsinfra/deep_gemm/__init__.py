@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from dsinfra.deep_gemm import testing, utils
+from dsinfra.deep_gemm.testing import bench, bench_kineto
 from dsinfra.deep_gemm.bf16 import (
     bf16_gemm_nn,
     bf16_gemm_nt,
@@ -170,6 +171,8 @@ __all__ = [
     "FP8LinearFunction",
     "OPERATIONS",
     "align",
+    "bench",
+    "bench_kineto",
     "bf16_gemm_nn",
     "bf16_gemm_nt",
     "bf16_gemm_tn",

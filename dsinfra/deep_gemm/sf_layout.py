@@ -21,7 +21,7 @@ _EXPONENT_SHIFT = 23
 def _ue8m0_bytes(sf: torch.Tensor) -> torch.Tensor:
     """float32 scales -> their exponent bytes (a power of two's UE8M0 code; other
     values are truncated to the power of two below, as DeepGEMM's packing does)."""
-    return (sf.contiguous().view(torch.int32) >> _EXPONENT_SHIFT).to(torch.uint8)
+    return (sf.reshape(-1).view(torch.int32).view(sf.shape) >> _EXPONENT_SHIFT).to(torch.uint8)
 
 
 def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor, psum_layout: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,7 +49,7 @@ def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor, psum_layout: 
 
 
 def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
-    sf: torch.Tensor, grouped_layout: torch.Tensor, ks_cpu, gran_k: int, k_alignment: int, use_psum_layout: bool = False
+    sf: torch.Tensor, grouped_layout: torch.Tensor, ks_cpu, gran_k: int = 128, k_alignment: int = 128, use_psum_layout: bool = False
 ) -> torch.Tensor:
     """K-grouped scales ``[sum(ceil(k_g/gran_k)), mn]`` float32 (each group's rows
     back to back) -> int32 ``[sum(ceil(k_g/(4 gran_k))), mn]``: each group's scale
@@ -73,16 +73,17 @@ def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
         ks = list(ks_cpu)
     rows = [ceil_div(k, gran_k) for k in ks]
     check_tensor("sf", sf, shape=(sum(rows), "mn"))
-    packed = [_pack_rows(group) for group in sf.split(rows)]
-    return torch.cat(packed) if packed else torch.zeros(0, sf.shape[1], dtype=torch.int32, device=sf.device)
+    return torch.cat([_pack_rows(sf[:0])] + [_pack_rows(group) for group in sf.split(rows)])
 
 
 def _pack_rows(sf: torch.Tensor) -> torch.Tensor:
     """[rows, mn] float32 UE8M0 -> [ceil(rows/4), mn] int32, four rows a word."""
-    words = ceil_div(sf.shape[0], 4)
-    padded = torch.zeros(4 * words, sf.shape[1], dtype=torch.uint8, device=sf.device)
+    words, columns = ceil_div(sf.shape[0], 4), sf.shape[1]
+    if words == 0:
+        return torch.zeros(0, columns, dtype=torch.int32, device=sf.device)
+    padded = torch.zeros(4 * words, columns, dtype=torch.uint8, device=sf.device)
     padded[: sf.shape[0]] = _ue8m0_bytes(sf)
-    return padded.view(words, 4, -1).transpose(1, 2).contiguous().view(torch.int32).view(words, -1)
+    return padded.view(words, 4, columns).transpose(1, 2).contiguous().view(torch.int32).view(words, columns)
 
 
 def transform_sf_into_required_layout(
