@@ -29,6 +29,7 @@ import torch
 
 from dsinfra import backend
 from dsinfra.deep_gemm.fp4 import cast_back_from_fp4
+from dsinfra.deep_gemm.operands import pair
 from dsinfra.deep_gemm.utils import ceil_div
 from dsinfra.validation import check_positive, check_range, check_tensor
 
@@ -54,12 +55,6 @@ def _check_logits_dtype(logits_dtype: object, weights: torch.Tensor) -> None:
         raise TypeError("weights may be bfloat16 only with logits_dtype=torch.bfloat16 (DeepGEMM's rule)")
 
 
-def _pair(name: str, value: object) -> tuple:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name} must be a pair (values, scales); got {type(value).__name__}")
-    return tuple(value)
-
-
 def _decode_fp4(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """FP4 codes [..., head_dim/2] with packed UE8M0 scales [...] -> bfloat16 [..., head_dim], exactly."""
     return cast_back_from_fp4(values, scales.unsqueeze(-1), FP4_GRAN_K, use_packed_ue8m0=True).to(torch.bfloat16)
@@ -68,7 +63,7 @@ def _decode_fp4(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def _query(q: tuple, shape: tuple) -> tuple[torch.Tensor, bool]:
     """Check q = (values, scales or None) of ``shape`` (head_dim last, unpacked) and
     return (the FP8 values or the decoded FP4 ones, whether FP4)."""
-    values, scales = _pair("q", q)
+    values, scales = pair("q", q)
     if scales is None:
         check_tensor("q[0]", values, dtype=torch.float8_e4m3fn, shape=shape)
         return values, False
@@ -113,7 +108,7 @@ def fp8_fp4_mqa_logits(
     """
     q_values, is_fp4 = _query(q, ("seq_len", "num_heads", "head_dim"))
     seq_len, num_heads, head_dim = q_values.shape
-    kv_values, kv_scales = _pair("kv", kv)
+    kv_values, kv_scales = pair("kv", kv)
     device = q_values.device
     if is_fp4:
         check_tensor("kv[0]", kv_values, dtype=torch.int8, shape=("seq_len_kv", head_dim // 2), device=device)

@@ -92,3 +92,12 @@ def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_contex
         keys, key_scales = kv[blocks, positions % block_kv], kv_scales[blocks, positions % block_kv]
         logits[row, :count] = _indexer_scores(q[sequence, token][None], keys, key_scales, weights[row][None])[0]
     return logits.to(logits_dtype)
+
+
+def bf16_gemm_nt(a, b, d, c) -> None:
+    """d = c + a @ b.T in float32, rounded once (a, b: bfloat16, or float32 from
+    dequantised operands); see :func:`dsinfra.deep_gemm.bf16_gemm_nt`."""
+    result = a.float() @ b.float().T
+    if c is not None:
+        result += c.float()
+    d.copy_(result)

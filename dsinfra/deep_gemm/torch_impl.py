@@ -26,6 +26,7 @@ import threading
 
 import torch
 
+from dsinfra.deep_gemm import reference
 from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
 from dsinfra.fp8 import GROUP, REBIAS, fp8_bits_widened, fp8_to_float
 
@@ -201,3 +202,12 @@ def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_contex
         rows = slice(sequence * next_n, (sequence + 1) * next_n)
         out[rows, :length] = logits.masked_fill_(positions >= counts[sequence, :, None], float("-inf"))
     return out
+
+
+def bf16_gemm_nt(a, b, d, c) -> None:
+    """bfloat16 operands into a bfloat16 output with nothing to add: one bf16 matmul
+    (float32 accumulation inside, one rounding); anything else in float32."""
+    if c is None and a.dtype == b.dtype == d.dtype == torch.bfloat16:
+        d.copy_(a @ b.T)
+    else:
+        reference.bf16_gemm_nt(a, b, d, c)

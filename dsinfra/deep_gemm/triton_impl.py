@@ -251,3 +251,4 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
     )  # fmt: skip
 
 from dsinfra.deep_gemm.triton_mqa_logits import mqa_logits, paged_mqa_logits  # noqa: E402,F401
+from dsinfra.deep_gemm.torch_impl import bf16_gemm_nt  # noqa: E402,F401  (on a GPU: cuBLAS through torch.matmul)

@@ -34,7 +34,7 @@ def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
     check_tensor("x", x, dtype=torch.float32)
     if x.dim() == 0 or x.shape[-1] % _SCALES_PER_INT:
         raise ValueError(f"x must have a last dimension that is a multiple of 4; got shape {list(x.shape)}")
-    bits = x.contiguous().view(torch.int32)
+    bits = x.reshape(-1).view(torch.int32).view(x.shape)
     if x.numel() and (bits.lt(0).any() or (bits & _MANTISSA_MASK).any()):
         raise ValueError("x must hold powers of two or zeros (UE8M0 values, e.g. from ceil_to_ue8m0)")
     return (bits >> _EXPONENT_SHIFT).to(torch.uint8).view(torch.int32)
@@ -45,5 +45,5 @@ def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     check_tensor("packed", packed, dtype=torch.int32)
     if packed.dim() == 0:
         raise ValueError("packed must have at least one dimension")
-    exponents = packed.contiguous().view(torch.uint8).to(torch.int32)
+    exponents = packed.reshape(-1).view(torch.uint8).view(*packed.shape[:-1], -1).to(torch.int32)
     return (exponents << _EXPONENT_SHIFT).view(torch.float32)
