@@ -4,8 +4,9 @@
 Each projection is one tensor over the experts: ``gate_proj`` and ``up_proj``
 [num_experts, moe_intermediate, hidden], ``down_proj`` [num_experts, hidden,
 moe_intermediate]; float, or FP8 with ``*_scale_inv`` [num_experts,
-ceil(n/128), ceil(k/128)] as the checkpoints store each expert. FP8 experts run
-through DeepGEMM's grouped GEMMs, their inputs cast per token in 1x128 groups:
+ceil(n/128), ceil(k/128)] as the checkpoints store each expert. FP8 and bf16
+experts run through DeepGEMM's grouped GEMMs (FP8 inputs cast per token in
+1x128 groups; ``m_grouped_bf16_gemm_nt_*`` for bf16):
 
 - :meth:`GroupedExperts.forward`: the contiguous layout
   (:func:`dsinfra.deep_gemm.m_grouped_fp8_gemm_nt_contiguous`): the (token,
@@ -15,7 +16,7 @@ through DeepGEMM's grouped GEMMs, their inputs cast per token in 1x128 groups:
   (:func:`dsinfra.deep_gemm.m_grouped_fp8_gemm_nt_masked`): what deep_ep's
   low-latency dispatch delivers, each expert's rows up to its count.
 
-Float experts run the same layouts as one matmul per expert.
+float32 and float16 experts (which DeepGEMM has no GEMM for) run one matmul per expert.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class GroupedExperts(nn.Module):
     def is_fp8(self) -> bool:
         return self.gate_proj_scale_inv is not None
 
+    @property
+    def uses_deep_gemm(self) -> bool:
+        """FP8 or bf16 weights: DeepGEMM's grouped GEMMs serve them."""
+        return self.is_fp8 or self.gate_proj.dtype == torch.bfloat16
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for every token.
 
@@ -60,8 +66,8 @@ class GroupedExperts(nn.Module):
         order = torch.argsort(expert, stable=True)
         token, k, expert = token[order], k[order], expert[order]
         counts = torch.bincount(expert, minlength=self.num_experts)
-        if self.is_fp8:
-            y = self._fp8_contiguous(x[token], expert, counts)
+        if self.uses_deep_gemm:
+            y = self._contiguous(x[token], expert, counts)
         else:
             y = self._float_grouped(x[token], counts.tolist())
         out.index_add_(0, token, y.float() * weights[token, k, None].float())
@@ -79,7 +85,7 @@ class GroupedExperts(nn.Module):
                 start += count
         return out
 
-    def _fp8_contiguous(self, rows: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _contiguous(self, rows: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """As :meth:`_float_grouped`, through DeepGEMM's contiguous layout: each
         expert's rows start at a multiple of its alignment, -1 marks the padding."""
         from dsinfra import deep_gemm
@@ -97,8 +103,11 @@ class GroupedExperts(nn.Module):
         def gemm(name: str, lhs: torch.Tensor) -> torch.Tensor:
             weight = getattr(self, name)
             out = torch.empty(m_sum, weight.shape[1], dtype=torch.bfloat16, device=rows.device)
-            rhs = (weight, getattr(self, f"{name}_scale_inv"))
-            deep_gemm.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(lhs), rhs, out, m_indices)
+            if self.is_fp8:
+                rhs = (weight, getattr(self, f"{name}_scale_inv"))
+                deep_gemm.m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(lhs), rhs, out, m_indices)
+            else:
+                deep_gemm.m_grouped_bf16_gemm_nt_contiguous(lhs.to(torch.bfloat16), weight, out, m_indices)
             return out
 
         hidden = F.silu(gemm("gate_proj", laid_out).float()) * gemm("up_proj", laid_out).float()
@@ -107,18 +116,20 @@ class GroupedExperts(nn.Module):
     def forward_masked(self, x, counts: torch.Tensor) -> torch.Tensor:
         """Every expert on its first ``counts[e]`` rows of ``x``.
 
-        x: [num_experts, max_rows, hidden] bfloat16, or an FP8 pair
-        (float8_e4m3fn [num_experts, max_rows, hidden], float32 scales
-        [num_experts, max_rows, hidden / 128]); counts: [num_experts] int32.
+        x: [num_experts, max_rows, hidden] bfloat16 (cast to FP8 here for FP8
+        experts), or, for FP8 experts, an FP8 pair (float8_e4m3fn [num_experts,
+        max_rows, hidden], float32 scales [num_experts, max_rows, hidden / 128]);
+        counts: [num_experts] int32.
         Returns [num_experts, max_rows, hidden] bfloat16; rows past the counts
         hold anything.
         """
-        if self.is_fp8:
-            if isinstance(x, torch.Tensor):
+        if self.uses_deep_gemm:
+            if self.is_fp8 and isinstance(x, torch.Tensor):
                 x = per_token_cast_to_fp8(x)
             gate = self._masked("gate_proj", x, counts)
             up = self._masked("up_proj", x, counts)
-            return self._masked("down_proj", per_token_cast_to_fp8(F.silu(gate.float()) * up.float()), counts)
+            hidden = F.silu(gate.float()) * up.float()
+            return self._masked("down_proj", per_token_cast_to_fp8(hidden) if self.is_fp8 else hidden.to(torch.bfloat16), counts)
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         for e, count in enumerate(counts.tolist()):
             if count:
@@ -127,13 +138,17 @@ class GroupedExperts(nn.Module):
                 out[e, :count] = hidden @ self.down_proj[e].T
         return out
 
-    def _masked(self, name: str, x: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+    def _masked(self, name: str, x, counts: torch.Tensor) -> torch.Tensor:
+        """One projection in the masked layout: x an FP8 pair or bf16 [num_experts, max_rows, k]."""
         from dsinfra import deep_gemm
 
         weight = getattr(self, name)
-        num_experts, max_rows, _ = x[0].shape
+        num_experts, max_rows, _ = x[0].shape if self.is_fp8 else x.shape
         out = torch.empty(num_experts, max_rows, weight.shape[1], dtype=torch.bfloat16, device=weight.device)
         expected = max(1, int(counts.float().mean().ceil()))
-        deep_gemm.m_grouped_fp8_gemm_nt_masked(x, (weight, getattr(self, f"{name}_scale_inv")), out, counts, expected)
+        if self.is_fp8:
+            deep_gemm.m_grouped_fp8_gemm_nt_masked(x, (weight, getattr(self, f"{name}_scale_inv")), out, counts, expected)
+        else:
+            deep_gemm.m_grouped_bf16_gemm_nt_masked(x, weight, out, counts, expected)
         return out
 

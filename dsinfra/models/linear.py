@@ -42,7 +42,7 @@ class Linear(nn.Module):
         out = torch.empty(rows.shape[0], self.weight.shape[0], dtype=out_dtype, device=x.device)
         if rows.shape[0]:
             deep_gemm.fp8_gemm_nt(per_token_cast_to_fp8(rows), (self.weight, self.weight_scale_inv), out)
-        return out.to(x.dtype).view(*x.shape[:-1], -1)
+        return out.to(x.dtype).view(*x.shape[:-1], self.weight.shape[0])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype`` (a new tensor for FP8 weights: used for small

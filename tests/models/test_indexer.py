@@ -61,3 +61,10 @@ def test_decoding_selects_what_prefill_selects(checkpoint, scoring):
     positions = [int((blocks == s // 4).nonzero()) * 4 + s % 4 for s in slots.tolist() if s >= 0]
     assert sorted(positions) == expected.tolist()
     assert len(positions) == c.index_topk
+
+
+def test_fp8_checkpoints_score_in_fp8_by_default(checkpoint):
+    model = load_pretrained(checkpoint("v32-fp8"))
+    assert model.indexer_scoring == "fp8" and load_pretrained(checkpoint("v32")).indexer_scoring == "bf16"
+    outputs = model.generate([list(range(3, 3 + LENGTH)), [9, 8, 7]], 3, eos_token_id=(), block_size=4)
+    assert [len(ids) for ids in outputs] == [3, 3]
