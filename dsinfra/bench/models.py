@@ -14,8 +14,10 @@ same number of new tokens with no end token.
 Per case: ``time_s`` is dsinfra's generate, ``baseline_time_s`` transformers';
 ``tokens_per_s`` counts new tokens over the whole call (prefill included), and
 ``decode_tokens_per_s`` the tokens after the first over the time beyond a
-one-token call (decoding alone); ``identical`` says whether both produced the
-same tokens for every prompt.
+one-token call (decoding alone). ``identical``: the prompts whose new tokens
+are the same both ways; for any other, ``gap_at_difference`` is the gap
+between transformers' two best logits where the two first differ (the
+smallest over those prompts): a near-tie, where rounding decides.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ def _prompts(batch: int, lengths: tuple[int, int], vocab: int, seed: int) -> lis
     g = generator(seed)
     sizes = torch.randint(lengths[0], lengths[1] + 1, (batch,), generator=g).tolist()
     return [torch.randint(2, vocab, (size,), generator=g).tolist() for size in sizes]
+
+
+def _gap_at_first_difference(model, prompts, ours, theirs) -> float | None:
+    """The smallest gap between the reference's two best logits at the first
+    token where ``ours`` and ``theirs`` differ, over the prompts where they do."""
+    gaps = []
+    for prompt, a, b in zip(prompts, ours, theirs):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is not None:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + b[:first]], device=model.device)).logits[0, -1].float()
+            best_two = logits.topk(2).values
+            gaps.append(float(best_two[0] - best_two[1]))
+    return min(gaps) if gaps else None
 
 
 class _Transformers:
@@ -82,7 +98,9 @@ def benchmark(ctx) -> None:
                 def generate(count: int):
                     return ours.generate(prompts, count, eos_token_id=())
 
-                identical = generate(new_tokens) == baseline(new_tokens)
+                ours_ids, theirs_ids = generate(new_tokens), baseline(new_tokens)
+                same = sum(a == b for a, b in zip(ours_ids, theirs_ids))
+                gap = _gap_at_first_difference(theirs, prompts, ours_ids, theirs_ids)
                 times = {}
                 for name, fn in (("ours", generate), ("theirs", baseline)):
                     full = ctx.time(lambda: fn(new_tokens), repeats=repeats, warmup=1)
@@ -102,6 +120,7 @@ def benchmark(ctx) -> None:
                         "transformers_tokens_per_s": batch * new_tokens / base_full.median,
                         "decode_tokens_per_s": decoded / max(full.median - first.median, 1e-9),
                         "transformers_decode_tokens_per_s": decoded / max(base_full.median - base_first.median, 1e-9),
-                        "identical": identical,
+                        "identical": f"{same}/{batch}",
+                        "gap_at_difference": gap,
                     },
                 )
