@@ -17,7 +17,7 @@ Per case: ``time_s`` is dsinfra's generate, ``baseline_time_s`` transformers';
 one-token call (decoding alone). ``identical``: the prompts whose new tokens
 are the same both ways; for any other, ``gap_at_difference`` is the gap
 between transformers' two best logits where the two first differ (the
-smallest over those prompts): a near-tie, where rounding decides.
+largest over those prompts): small, a near-tie, where rounding decides.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _prompts(batch: int, lengths: tuple[int, int], vocab: int, seed: int) -> lis
 
 
 def _gap_at_first_difference(model, prompts, ours, theirs) -> float | None:
-    """The smallest gap between the reference's two best logits at the first
+    """The largest gap between the reference's two best logits at the first
     token where ``ours`` and ``theirs`` differ, over the prompts where they do."""
     gaps = []
     for prompt, a, b in zip(prompts, ours, theirs):
@@ -57,7 +57,7 @@ def _gap_at_first_difference(model, prompts, ours, theirs) -> float | None:
                 logits = model(torch.tensor([prompt + b[:first]], device=model.device)).logits[0, -1].float()
             best_two = logits.topk(2).values
             gaps.append(float(best_two[0] - best_two[1]))
-    return min(gaps) if gaps else None
+    return max(gaps) if gaps else None
 
 
 class _Transformers:

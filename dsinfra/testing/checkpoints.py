@@ -68,11 +68,13 @@ TINY_CONFIGS = {
             mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1,
         ),
     ),
-    # V3.2: V3 with the lightning indexer; index_topk well below the prompts' lengths
+    # V3.2: V3 with the lightning indexer; index_topk well below the prompts' lengths. 16
+    # index heads: with few, a query whose head weights are all negative scores
+    # many keys exactly 0 (every relu at 0), and top-k picks among exact ties
     "deepseek_v32": dict(
         _V3,
         index_topk=6,
-        index_n_heads=4,
+        index_n_heads=16,
         index_head_dim=32,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0),
     ),
