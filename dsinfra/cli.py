@@ -26,6 +26,7 @@ COMMANDS = {
     "demo": ("dsinfra.demo.cli", "train and serve a small DeepSeek-V3-style model through every component"),
     "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
     "run": ("dsinfra.run_aliased", "run a script written for DeepSeek's originals, their imports resolving to dsinfra"),
+    "generate": ("dsinfra.models.cli", "greedy generation with a Hugging Face DeepSeek-V2/V3/R1/V3.2 checkpoint through FlashMLA, DeepGEMM, DeepEP"),
 }
 
 

@@ -55,3 +55,49 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
             result += c[group]
         d[group] = result
         start, scale_start = start + k, scale_stop
+
+
+def _indexer_scores(q: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """q [rows, heads, d], keys [n, d] -> [rows, n]: sum over heads of weights * relu(q · k * key_scale)."""
+    scores = torch.einsum("rhd,nd->rhn", q.float(), keys.float()) * key_scales.float()
+    return torch.einsum("rhn,rh->rn", scores.relu(), weights.float())
+
+
+def mqa_logits(q, kv, kv_scales, weights, ks, ke, clean_logits, max_seqlen_k, logits_dtype) -> torch.Tensor:
+    """Every query against every key, then -inf outside [ks[i], ke[i]); see
+    :func:`dsinfra.deep_gemm.fp8_fp4_mqa_logits`. Unspecified entries are -inf here."""
+    logits = _indexer_scores(q, kv, kv_scales, weights)
+    seq_len_kv = kv.shape[0]
+    if max_seqlen_k:  # column j scores key ks[i] + j
+        keys = ks[:, None].long() + torch.arange(max_seqlen_k, device=q.device)
+        seen = keys < ke[:, None]
+        logits = logits.gather(1, keys.clamp(max=max(seq_len_kv - 1, 0))) if seq_len_kv else logits.new_zeros(keys.shape)
+    else:
+        keys = torch.arange(seq_len_kv, device=q.device)[None, :]
+        seen = (keys >= ks[:, None]) & (keys < ke[:, None])
+    return logits.masked_fill(~seen, float("-inf")).to(logits_dtype)
+
+
+def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_context_len, clean_logits, logits_dtype) -> torch.Tensor:
+    """Each query row r (sequence r // next_n) against the first visible[r] keys of
+    its sequence, gathered through the block table; -inf past them (unspecified
+    entries are -inf here). See :func:`dsinfra.deep_gemm.fp8_fp4_paged_mqa_logits`."""
+    batch_size, next_n = q.shape[:2]
+    block_kv = kv.shape[1]
+    logits = torch.full((batch_size * next_n, max_context_len), float("-inf"), dtype=torch.float32, device=q.device)
+    for row, count in enumerate(visible.tolist()):
+        sequence, token = divmod(row, next_n)
+        positions = torch.arange(count, device=q.device)
+        blocks = block_table[sequence, positions // block_kv].long()
+        keys, key_scales = kv[blocks, positions % block_kv], kv_scales[blocks, positions % block_kv]
+        logits[row, :count] = _indexer_scores(q[sequence, token][None], keys, key_scales, weights[row][None])[0]
+    return logits.to(logits_dtype)
+
+
+def bf16_gemm_nt(a, b, d, c) -> None:
+    """d = c + a @ b.T in float32, rounded once (a, b: bfloat16, or float32 from
+    dequantised operands); see :func:`dsinfra.deep_gemm.bf16_gemm_nt`."""
+    result = a.float() @ b.float().T
+    if c is not None:
+        result += c.float()
+    d.copy_(result)

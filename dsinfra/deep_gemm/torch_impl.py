@@ -26,8 +26,9 @@ import threading
 
 import torch
 
+from dsinfra.deep_gemm import reference
 from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
-from dsinfra.fp8 import GROUP, REBIAS, fp8_bits_widened
+from dsinfra.fp8 import GROUP, REBIAS, fp8_bits_widened, fp8_to_float
 
 _TILE_ELEMENTS = 1 << 23  # RHS elements dequantised at a time: 16 MiB of bf16
 _LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16
@@ -137,3 +138,76 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
         else:
             d[group].zero_()
         start, scale_start = start + k, scale_stop
+
+
+_SCORE_ELEMENTS = 1 << 22  # indexer scores held at a time: 16 MiB of float32
+
+
+def _floats(x: torch.Tensor) -> torch.Tensor:
+    """FP8 (widened by integer ops, exactly) or bf16 values as float32."""
+    return fp8_to_float(x) if x.dtype == torch.float8_e4m3fn else x.float()
+
+
+def _indexer_scores(q: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """q [rows, heads, d] and keys [n, d] in float32 -> [rows, n]: sum over heads of
+    weights [rows, heads] * relu(q · k * key_scale), as one matmul and one bmm."""
+    rows, heads, d = q.shape
+    scores = (q.reshape(rows * heads, d) @ keys.T).mul_(key_scales).relu_()
+    return torch.bmm(weights.unsqueeze(1), scores.view(rows, heads, -1)).squeeze(1)
+
+
+def mqa_logits(q, kv, kv_scales, weights, ks, ke, clean_logits, max_seqlen_k, logits_dtype) -> torch.Tensor:
+    """Queries in chunks of rows, each against the keys its rows see (from the
+    smallest start to the largest end); entries no query sees stay -inf."""
+    seq_len, num_heads, _ = q.shape
+    seq_len_kv = kv.shape[0]
+    out = torch.full((seq_len, max_seqlen_k or seq_len_kv), float("-inf"), dtype=logits_dtype, device=q.device)
+    q, kv, weights = _floats(q), _floats(kv), weights.float()
+    starts, ends = ks.tolist(), ke.tolist()
+    chunk = max(1, _SCORE_ELEMENTS // (num_heads * max(seq_len_kv, 1)))
+    for first in range(0, seq_len, chunk):
+        rows = slice(first, min(first + chunk, seq_len))
+        lo, hi = min(starts[rows]), max(ends[rows])
+        if hi <= lo:
+            continue
+        logits = _indexer_scores(q[rows], kv[lo:hi], kv_scales[lo:hi], weights[rows])
+        row_starts, row_ends = ks[rows, None].long(), ke[rows, None].long()
+        if max_seqlen_k:  # column j scores key ks[i] + j
+            columns = torch.arange(max_seqlen_k, device=q.device)
+            index = (row_starts - lo + columns).clamp(0, hi - lo - 1)
+            out[rows] = logits.gather(1, index).masked_fill_(columns >= row_ends - row_starts, float("-inf"))
+        else:
+            keys = torch.arange(lo, hi, device=q.device)
+            out[rows, lo:hi] = logits.masked_fill_((keys < row_starts) | (keys >= row_ends), float("-inf"))
+    return out
+
+
+def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_context_len, clean_logits, logits_dtype) -> torch.Tensor:
+    """One sequence at a time: its next_n queries against its keys, gathered from
+    the cache blocks its table names; entries past a query's keys stay -inf."""
+    batch_size, next_n, num_heads, _ = q.shape
+    block_kv = kv.shape[1]
+    out = torch.full((batch_size * next_n, max_context_len), float("-inf"), dtype=logits_dtype, device=q.device)
+    counts = visible.view(batch_size, next_n)
+    longest = counts.amax(dim=1).tolist() if next_n else [0] * batch_size
+    q, weights = _floats(q), weights.float().view(batch_size, next_n, num_heads)
+    for sequence, length in enumerate(longest):
+        if length <= 0:
+            continue
+        blocks = block_table[sequence, : ceil_div(length, block_kv)].long()
+        keys = _floats(kv[blocks].flatten(0, 1)[:length])
+        key_scales = kv_scales[blocks].flatten()[:length]
+        logits = _indexer_scores(q[sequence], keys, key_scales, weights[sequence])
+        positions = torch.arange(length, device=q.device)
+        rows = slice(sequence * next_n, (sequence + 1) * next_n)
+        out[rows, :length] = logits.masked_fill_(positions >= counts[sequence, :, None], float("-inf"))
+    return out
+
+
+def bf16_gemm_nt(a, b, d, c) -> None:
+    """bfloat16 operands into a bfloat16 output with nothing to add: one bf16 matmul
+    (float32 accumulation inside, one rounding); anything else in float32."""
+    if c is None and a.dtype == b.dtype == d.dtype == torch.bfloat16:
+        d.copy_(a @ b.T)
+    else:
+        reference.bf16_gemm_nt(a, b, d, c)

@@ -249,3 +249,6 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
         *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *d.stride(), *c_strides,
         HAS_C=c is not None, FP8_DOT=fp8_dot, **config,
     )  # fmt: skip
+
+from dsinfra.deep_gemm.triton_mqa_logits import mqa_logits, paged_mqa_logits  # noqa: E402,F401
+from dsinfra.deep_gemm.torch_impl import bf16_gemm_nt  # noqa: E402,F401  (on a GPU: cuBLAS through torch.matmul)

@@ -17,7 +17,7 @@ def generator(seed: int) -> torch.Generator:
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal values of ``shape``, drawn in float32 then cast to ``dtype``."""
-    return torch.randn(*shape, generator=generator(seed)).to(device=device, dtype=dtype)
+    return torch.randn(*shape, generator=generator(seed), dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def seq_lengths(
@@ -28,7 +28,7 @@ def seq_lengths(
     ``minimum``), as FlashMLA's tests draw them."""
     if not varlen:
         return torch.full((batch,), max(mean, minimum), dtype=torch.int32, device=device)
-    lengths = torch.normal(float(mean), mean / 2, (batch,), generator=generator(seed))
+    lengths = torch.normal(float(mean), mean / 2, (batch,), generator=generator(seed), dtype=torch.float32)
     return lengths.round().clamp(min=minimum).to(device=device, dtype=torch.int32)
 
 
@@ -56,7 +56,7 @@ def topk_indices(
     weights = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-skew).expand(num_tokens, num_experts)
     idx = torch.multinomial(weights, topk, replacement=False, generator=gen) if num_tokens else torch.empty(0, topk, dtype=torch.int64)
     if drop > 0:
-        idx = idx.masked_fill(torch.rand(idx.shape, generator=gen) < drop, -1)
+        idx = idx.masked_fill(torch.rand(idx.shape, generator=gen, dtype=torch.float32) < drop, -1)
     return idx.to(device)
 
 
@@ -66,6 +66,6 @@ def skewed_loads(num_layers: int, num_experts: int, *, seed: int, skew: float = 
     scaled by a log-normal factor per expert, as real MoE routing statistics look."""
     gen = generator(seed)
     profile = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-skew)
-    order = torch.argsort(torch.rand(num_layers, num_experts, generator=gen), dim=1)
+    order = torch.argsort(torch.rand(num_layers, num_experts, generator=gen, dtype=torch.float32), dim=1)
     noise = torch.exp(0.3 * torch.randn(num_layers, num_experts, generator=gen, dtype=torch.float64))
     return profile[order] * noise * 1000.0

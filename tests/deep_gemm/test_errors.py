@@ -20,15 +20,18 @@ def test_dense_errors():
         ((a[0], a[1].double()), b, out, {}, TypeError, r"a\[1\] must have dtype float32"),
         (a[0], b, out, {}, TypeError, r"a must be a pair"),
         ((a[0], a[1][:, :1]), b, out, {}, ValueError, r"a\[1\] must have shape \[8, 2\]"),
-        (a, (fp8(256, 128), b[1]), out, {}, ValueError, r"b\[0\] must have shape \[n, 256\]"),
+        (a, (fp8(256, 128), b[1][:, :1]), out, {}, ValueError, r"a and b must have the same k; got 256 and 128"),
         (a, (b[0], b[1][:1]), out, {}, ValueError, r"b\[1\] must have shape \[2, 2\]"),
         (a, b, out, {"recipe": (1, 1, 128)}, ValueError, r"b\[1\] must have shape \[256, 2\]"),
-        (a, b, out, {"recipe": (1, 64, 128)}, ValueError, r"recipe must be one of"),
+        (a, b, out, {"recipe": (1, 64, 128)}, ValueError, r"b\[1\] must have shape \[4, 2\]"),
+        (a, b, out, {"recipe": (1, 0, 128)}, ValueError, r"recipe entries must be > 0"),
+        (a, b, out, {"recipe": (1, 128, 128), "recipe_a": (1, 128)}, ValueError, r"either recipe or recipe_a and recipe_b"),
+        (a, b, out, {"recipe_a": (1, 128)}, ValueError, r"recipe_a and recipe_b come together"),
+        (a, b, out, {"compiled_dims": 1}, TypeError, r"compiled_dims must be a str"),
         (a, b, out.float()[:, :7], {}, ValueError, r"d must have shape \[8, 256\]"),
         (a, b, out.half(), {}, TypeError, r"d must have dtype bfloat16 or float32"),
-        (a, b, out, {"c": torch.zeros(8, 256)}, TypeError, r"d must have dtype float32 when c is given"),
+        (a, b, out, {"c": torch.zeros(8, 256)}, TypeError, r"c must have dtype bfloat16"),
         (a, b, out.float(), {"c": torch.zeros(8, 256, dtype=torch.bfloat16)}, TypeError, r"c must have dtype float32"),
-        ((fp8(8, 0), torch.zeros(8, 0)), (fp8(256, 0), torch.zeros(2, 0)), out, {}, ValueError, r"k \(b\[0\] dimension\)"),
     ]
     for lhs, rhs, d, kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -42,7 +45,7 @@ def test_dense_errors():
 def test_contiguous_errors():
     lhs, rhs, m_indices, _ = data.contiguous([100, 28], 128, 128)
     out = torch.empty(len(m_indices), 128, dtype=torch.bfloat16)
-    call = deep_gemm.m_grouped_fp8_gemm_nt_contiguous
+    call = deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
     with pytest.raises(TypeError, match=r"m_indices must have dtype int32"):
         call(lhs, rhs, out, m_indices.long())
     with pytest.raises(ValueError, match=r"m_indices must have shape \[256\]"):
@@ -64,14 +67,14 @@ def test_contiguous_errors():
 def test_masked_errors():
     lhs, rhs, masked_m, _ = data.masked(2, 64, 128, 128)
     out = torch.empty(2, 64, 128, dtype=torch.bfloat16)
-    call = deep_gemm.m_grouped_fp8_gemm_nt_masked
+    call = deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked
     with pytest.raises(ValueError, match=r"masked_m must hold values in \[0, 65\); found 65"):
         call(lhs, rhs, out, torch.tensor([65, 0], dtype=torch.int32), 32)
     with pytest.raises(ValueError, match=r"masked_m must have shape \[2\]"):
         call(lhs, rhs, out, masked_m[:1], 32)
     with pytest.raises(ValueError, match=r"expected_m must be > 0"):
         call(lhs, rhs, out, masked_m, 0)
-    with pytest.raises(ValueError, match=r"rhs\[0\] must have shape \[2, n, 128\]"):
+    with pytest.raises(ValueError, match=r"lhs\[0\] and rhs\[0\] must have 3 dimensions and the same number of groups"):
         call(lhs, (rhs[0][:1], rhs[1][:1]), out, masked_m, 32)
     with pytest.raises(ValueError, match=r"out must have shape \[2, 64, 128\]"):
         call(lhs, rhs, out[:, :10], masked_m, 32)
@@ -82,13 +85,13 @@ def test_k_grouped_errors():
     a, b, _, _ = data.k_grouped(ks, 32, 48)
     d = torch.empty(2, 32, 48)
     call = deep_gemm.k_grouped_fp8_gemm_tn_contiguous
-    with pytest.raises(ValueError, match=r"ks must be sizes >= 0 that add up to a\[0\].shape\[0\] \(228\)"):
+    with pytest.raises(ValueError, match=r"ks_cpu must be sizes >= 0 that add up to a\[0\].shape\[0\] \(228\)"):
         call(a, b, d, [128, 99])
-    with pytest.raises(TypeError, match=r"ks must be a sequence of ints"):
+    with pytest.raises(TypeError, match=r"ks_cpu must be a sequence of ints"):
         call(a, b, d, [128.0, 100])
     with pytest.raises(ValueError, match=r"a\[1\] must have shape \[2, 32\]"):
         call((a[0], a[1][:1]), b, d, ks)
-    with pytest.raises(ValueError, match=r"ks_tensor must hold ks"):
+    with pytest.raises(ValueError, match=r"grouped_layout must hold ks_cpu"):
         call(a, b, d, ks, torch.tensor([100, 128], dtype=torch.int32))
     with pytest.raises(TypeError, match=r"d must have dtype float32"):
         call(a, b, d.bfloat16(), ks)

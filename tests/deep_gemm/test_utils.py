@@ -49,17 +49,22 @@ def test_col_major_tma_aligned_tensor(shape):
 
 
 def test_names():
-    assert deep_gemm.m_grouped_fp8_gemm_nt_contiguous is deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
-    assert deep_gemm.m_grouped_fp8_gemm_nt_masked is deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked
-    assert deep_gemm.per_token_cast_to_fp8 is fp8.per_token_cast_to_fp8
+    assert deep_gemm.m_grouped_fp8_gemm_nt_contiguous is deep_gemm.m_grouped_fp8_fp4_gemm_nt_contiguous
+    assert deep_gemm.m_grouped_fp8_gemm_nt_masked is deep_gemm.fp8_m_grouped_gemm_nt_masked
+    assert deep_gemm.fp8_gemm_tt is deep_gemm.fp8_fp4_gemm_tt
+    x = torch.randn(3, 200, dtype=torch.float32)
+    assert all(torch.equal(u, v) for u, v in zip(deep_gemm.per_token_cast_to_fp8(x), fp8.per_token_cast_to_fp8(x)))
     assert deep_gemm.per_block_cast_back is fp8.per_block_cast_back
     assert deep_gemm.calc_diff is calc_diff
-    assert all(callable(getattr(deep_gemm, name)) for name in deep_gemm.__all__ if name != "OPERATIONS")
+    assert all(callable(getattr(deep_gemm, name)) for name in deep_gemm.__all__ if name not in ("OPERATIONS", "testing", "utils"))
     assert deep_gemm.OPERATIONS == (
         "fp8_gemm_nt",
         "m_grouped_fp8_gemm_nt_contiguous",
         "m_grouped_fp8_gemm_nt_masked",
         "k_grouped_fp8_gemm_tn_contiguous",
+        "bf16_gemm_nt",
+        "fp8_mqa_logits",
+        "fp8_paged_mqa_logits",
     )
 
 
