@@ -53,6 +53,7 @@ from dsinfra.deep_gemm.gemm import (
     m_grouped_fp8_fp4_gemm_nt_contiguous,
     m_grouped_fp8_fp4_gemm_nt_masked,
 )
+from dsinfra.deep_gemm.hyperconnection import tf32_hc_prenorm_gemm
 from dsinfra.deep_gemm.mqa_logits import (
     fp8_fp4_mqa_logits,
     fp8_fp4_paged_mqa_logits,
@@ -60,6 +61,7 @@ from dsinfra.deep_gemm.mqa_logits import (
     fp8_paged_mqa_logits,
     get_paged_mqa_logits_metadata,
 )
+from dsinfra.deep_gemm.einsum import einsum, fp8_einsum
 from dsinfra.deep_gemm.gemm import dense as _dense
 from dsinfra.deep_gemm.gemm import m_grouped_contiguous as _m_grouped_contiguous
 from dsinfra.deep_gemm.gemm import m_grouped_masked as _m_grouped_masked
@@ -156,7 +158,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out: torch.Tensor, masked_m:
     _m_grouped_masked(x, y, out, masked_m, expected_m, ("lhs", "rhs", "out"))
 
 
-# The FP8 linear layer uses the GEMMs above, hence imported last.
+# The FP8 linear layer and the legacy kernels use the GEMMs above, hence imported last.
+from dsinfra.deep_gemm import legacy  # noqa: E402
 from dsinfra.deep_gemm.linear import FP8Linear, FP8LinearFunction  # noqa: E402
 
 # DeepGEMM's other names for the same operations.
@@ -165,6 +168,18 @@ m_grouped_fp8_gemm_nt_contiguous = m_grouped_fp8_fp4_gemm_nt_contiguous
 m_grouped_fp8_gemm_nn_contiguous = m_grouped_fp8_fp4_gemm_nn_contiguous
 m_grouped_fp8_gemm_nt_masked = fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_fp4_gemm_nt_masked
 bf16_m_grouped_gemm_nt_masked = m_grouped_bf16_gemm_nt_masked
+
+_NOT_PROVIDED = ("SymmBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_fp4_mega_moe", "bf16_mega_moe")
+
+
+def __getattr__(name: str):
+    if name in _NOT_PROVIDED:
+        raise AttributeError(
+            f"dsinfra.deep_gemm does not provide {name}: DeepGEMM's Mega MoE fuses expert-parallel dispatch, "
+            "both MoE GEMMs and combine over NVLink symmetric memory; use dsinfra.deep_ep with the grouped GEMMs"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FP8Linear",
@@ -186,6 +201,8 @@ __all__ = [
     "cublaslt_gemm_nt",
     "cublaslt_gemm_tn",
     "cublaslt_gemm_tt",
+    "einsum",
+    "fp8_einsum",
     "fp8_fp4_gemm_nn",
     "fp8_fp4_gemm_nt",
     "fp8_fp4_gemm_tn",
@@ -217,6 +234,7 @@ __all__ = [
     "k_grouped_bf16_gemm_tn_contiguous",
     "k_grouped_fp8_gemm_nt_contiguous",
     "k_grouped_fp8_gemm_tn_contiguous",
+    "legacy",
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
@@ -243,6 +261,7 @@ __all__ = [
     "set_pdl",
     "set_tc_util",
     "testing",
+    "tf32_hc_prenorm_gemm",
     "transform_sf_into_required_layout",
     "transpose_packed_fp4",
     "unpack_ue8m0_from_int",

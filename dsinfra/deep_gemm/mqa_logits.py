@@ -158,6 +158,12 @@ def _check_context_lens(context_lens: torch.Tensor, batch_size: int | str, next_
         check_tensor("context_lens", context_lens, shape=(batch_size, next_n))
 
 
+def _check_indices(indices: torch.Tensor, batch_size: int, next_n: int, device: torch.device) -> None:
+    check_tensor("indices", indices, dtype=torch.int32, shape=(batch_size,), device=device)
+    if next_n != 1:
+        raise ValueError(f"indices need one query token per row (next_n = 1); got next_n = {next_n}")
+
+
 def get_paged_mqa_logits_metadata(
     context_lens: torch.Tensor, block_kv: int, num_sms: int, indices: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -181,9 +187,7 @@ def get_paged_mqa_logits_metadata(
     next_n = context_lens.shape[1] if context_lens.dim() == 2 else 1
     device = context_lens.device
     if indices is not None:
-        check_tensor("indices", indices, dtype=torch.int32, shape=(batch_size,), device=device)
-        if next_n != 1:
-            raise ValueError(f"indices need one query token per row (next_n = 1); got next_n = {next_n}")
+        _check_indices(indices, batch_size, next_n, device)
         return _varlen_schedule(context_lens.view(-1), indices, num_sms)
     lens = context_lens[:, -1] if context_lens.dim() == 2 else context_lens
     per_row = ceil_div(next_n, 2)  # units per sequence: its query tokens in pairs
@@ -323,9 +327,7 @@ def fp8_fp4_paged_mqa_logits(
     _check_flag("clean_logits", clean_logits)
     _check_logits_dtype(logits_dtype, weights)
     if indices is not None:
-        check_tensor("indices", indices, dtype=torch.int32, shape=(batch_size,), device=device)
-        if next_n != 1:
-            raise ValueError(f"indices need one query token per row (next_n = 1); got next_n = {next_n}")
+        _check_indices(indices, batch_size, next_n, device)
     check_range("context_lens", context_lens, 0, max_context_len + 1)
     visible = _visible_keys(context_lens, next_n)
     _check_block_table(block_table, visible, next_n, block_kv, num_blocks)

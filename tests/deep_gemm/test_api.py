@@ -286,3 +286,29 @@ def test_default_dtype_does_not_matter():
     finally:
         torch.set_default_dtype(default)
     assert [i for i, (u, v) in enumerate(zip(before, after)) if u.dtype != v.dtype or not torch.equal(u, v)] == []
+
+
+def test_legacy_gathers():
+    x, w, m_indices, _ = contiguous_case([40, 3], 24, 32, seed=20)
+    order = torch.randperm(len(m_indices), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    stored = torch.empty_like(x)
+    stored[order.long()] = x  # a's rows kept elsewhere: row r of the layout is stored[order[r]]
+    d = torch.empty(len(m_indices), 24, dtype=torch.bfloat16)
+    deep_gemm.legacy.a_fused_m_grouped_bf16_gemm_nt_contiguous_tl(stored.bfloat16(), w.bfloat16(), d, (m_indices, order))
+    owned = m_indices >= 0
+    assert calc_diff(d.float()[owned], grouped_reference(x, w, m_indices)[owned]) < BF16
+    ks, m, n = [64, 0, 32], 8, 12
+    a, b = randn(96, m, seed=21), randn(96, n, seed=22)
+    k_indices = torch.randperm(96, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    stored = torch.empty_like(a)
+    stored[k_indices.long()] = a
+    c = randn(3, m, n, seed=23)
+    expected = c + torch.stack([a[s : s + k].T @ b[s : s + k] for s, k in zip([0, 64, 64], ks)])
+    handle = (k_indices, torch.tensor([0, 64, 64], dtype=torch.int32), torch.tensor([64, 64, 96], dtype=torch.int32))
+    deep_gemm.legacy.a_fused_k_grouped_bf16_gemm_tn_contiguous_tl(stored.bfloat16(), b.bfloat16(), c, handle, True)
+    assert calc_diff(c, expected) < BF16
+
+
+def test_mega_moe_is_refused_by_name():
+    with pytest.raises(AttributeError, match="does not provide fp8_fp4_mega_moe: DeepGEMM's Mega MoE"):
+        deep_gemm.fp8_fp4_mega_moe

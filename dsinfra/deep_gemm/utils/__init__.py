@@ -1,5 +1,7 @@
-"""Utilities under DeepGEMM's names: integer helpers, the SM count kernels may
-use, the contiguous layout's alignment, and the TMA-aligned scale layout.
+"""Utilities under DeepGEMM's names (``deep_gemm.utils``, with its ``math`` and
+``layout`` modules): integer helpers, the SM count kernels may use, the
+contiguous layout's alignment, runtime settings, the TMA-aligned scale layouts,
+and (imported last) the casts and scale formats.
 
 Scale layouts. An LHS scaling tensor ``[m, ceil(k/128)]`` may come row-major
 (as :func:`dsinfra.fp8.per_token_cast_to_fp8` returns it) or column-major with
