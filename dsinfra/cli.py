@@ -20,6 +20,7 @@ COMMANDS = {
     "eplb": ("dsinfra.eplb.cli", "plan expert replication and placement from a file of expert loads"),
     "demo": ("dsinfra.demo.cli", "train and serve a small DeepSeek-V3-style model through every component"),
     "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
+    "kernels": ("dsinfra.kernel_report", "compile the Triton kernels for sm_80/89/90 and gfx942 and report their resources"),
 }
 
 

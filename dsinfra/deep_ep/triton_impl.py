@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsinfra.triton_utils import CompileCase, Target, capturing, launch, meta_tensor
+
 
 @triton.jit
 def _layout_kernel(
@@ -61,7 +63,8 @@ def get_dispatch_layout(
     ranks_pow2 = triton.next_power_of_2(num_ranks)
     block_tokens = max(16, min(128, 4096 // ranks_pow2))
     if num_tokens and num_topk:
-        _layout_kernel[(triton.cdiv(num_tokens, block_tokens),)](
+        launch(
+            _layout_kernel, (triton.cdiv(num_tokens, block_tokens),),
             topk_idx.contiguous(),
             num_tokens,
             per_expert,
@@ -80,3 +83,14 @@ def get_dispatch_layout(
     else:
         is_token_in_rank.zero_()
     return per_rank, per_node if num_nodes > 1 else None, per_expert, is_token_in_rank.view(torch.bool)
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """The layout of DeepSeek-V3's routing (256 experts, top-8, 4096 tokens) over
+    8 ranks on one node and 64 ranks on 8 nodes."""
+    cases = []
+    for num_ranks, num_nodes in ((8, 1), (64, 8)):
+        with capturing(target) as launches:
+            get_dispatch_layout(meta_tensor(4096, 8, dtype=torch.int64), 256, num_ranks, num_nodes)
+        cases.append(CompileCase({"ranks": num_ranks, "nodes": num_nodes}, launches[0], representative=num_ranks == 64))
+    return cases

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from dsinfra.deep_gemm.utils import ceil_div, get_num_sms, rhs_rows_per_scale
 from dsinfra.fp8 import GROUP
-from dsinfra.triton_utils import dot, fp8_dot_supported
+from dsinfra.triton_utils import CompileCase, Target, capturing, dot, launch, meta_tensor, target_for
 
 # what the M-grouped kernel's layout argument holds: nothing, m_indices or masked_m
 _MODE_DENSE, _MODE_CONTIGUOUS, _MODE_MASKED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -178,7 +178,7 @@ def _k_grouped_gemm_kernel(
 def _operands(device: torch.device, *tensors: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
     """Whether the kernels take FP8 tiles to the dot on ``device``, and the FP8
     tensors as the kernels read them there (themselves, or their bytes)."""
-    fp8_dot = fp8_dot_supported(device)
+    fp8_dot = target_for(device).fp8_dot == "e4m3fn"
     return fp8_dot, [t if fp8_dot else t.view(torch.uint8) for t in tensors]
 
 
@@ -207,7 +207,8 @@ def _launch_m_grouped(a, sa, b, sb, d, c, layout, mode: tl.constexpr, num_groups
     config = _launch_config(config_m)
     tiles = ceil_div(m, config["BLOCK_M"]) * ceil_div(n, config["BLOCK_N"]) * (num_groups if mode == _MODE_MASKED else 1)
     c_strides = c.stride() if c is not None else (0, 0)
-    _m_grouped_gemm_kernel[_grid(tiles)](
+    launch(
+        _m_grouped_gemm_kernel, _grid(tiles),
         a, sa, b, sb, d, c if c is not None else d, layout if layout is not None else d,
         m, n, k, num_groups,
         *_group_strides(a), *_group_strides(sa), *_group_strides(b), *_group_strides(sb), *_group_strides(d), *c_strides,
@@ -243,9 +244,65 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, d, ks, c) -> None:
     config = _launch_config(m)
     tiles = ceil_div(m, config["BLOCK_M"]) * ceil_div(n, config["BLOCK_N"]) * num_groups
     c_strides = c.stride() if c is not None else (0, 0, 0)
-    _k_grouped_gemm_kernel[_grid(tiles)](
+    launch(
+        _k_grouped_gemm_kernel, _grid(tiles),
         a, sa, b, sb, d, c if c is not None else d, k_offsets.to(d.device), scale_offsets.to(d.device),
         m, n, num_groups,
         *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *d.stride(), *c_strides,
         HAS_C=c is not None, FP8_DOT=fp8_dot, **config,
     )  # fmt: skip
+
+
+# DeepSeek-V3's GEMM shapes (DeepGEMM's test tables) for the `kernels` report.
+REPORT_DENSE_NK = ((2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
+REPORT_DENSE_M = (64, 128, 4096)
+REPORT_GROUPED_NK = ((6144, 7168), (7168, 3072), (4096, 4096), (4096, 2048))
+REPORT_CONTIGUOUS = ((4, 8192), (8, 4096))  # (groups, m per group)
+REPORT_MASKED = ((32, 192), (6, 1024), (32, 20), (6, 20))  # (groups, expected m), m_max 4096
+REPORT_K_GROUPED = ((4, 4096, 7168, 8192), (4, 7168, 2048, 8192), (8, 4096, 7168, 4096), (16, 7168, 2048, 2048))
+
+
+def _fp8(*shape):
+    return meta_tensor(*shape, dtype=torch.float8_e4m3fn)
+
+
+def _scales(*shape):
+    return meta_tensor(*shape, dtype=torch.float32)
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """Every GEMM as DeepSeek-V3's shapes launch it for ``target``: dense (m 64, 128,
+    4096), contiguous and masked M-grouped, K-grouped (weight gradients)."""
+    cases = []
+    for m in REPORT_DENSE_M:
+        for n, k in REPORT_DENSE_NK:
+            with capturing(target) as launches:
+                fp8_gemm_nt(_fp8(m, k), _scales(m, ceil_div(k, GROUP)), _fp8(n, k),
+                            _scales(ceil_div(n, GROUP), ceil_div(k, GROUP)), meta_tensor(m, n, dtype=torch.bfloat16), None)
+            cases.append(CompileCase({"": "dense", "m": m, "n": n, "k": k}, launches[0], wgmma=True,
+                                     representative=(m, n, k) == (128, 2112, 7168)))
+    for n, k in REPORT_GROUPED_NK:
+        for groups, m in REPORT_CONTIGUOUS:
+            with capturing(target) as launches:
+                m_grouped_fp8_gemm_nt_contiguous(
+                    _fp8(groups * m, k), _scales(groups * m, ceil_div(k, GROUP)), _fp8(groups, n, k),
+                    _scales(groups, ceil_div(n, GROUP), ceil_div(k, GROUP)),
+                    meta_tensor(groups * m, n, dtype=torch.bfloat16), meta_tensor(groups * m, dtype=torch.int32))
+            cases.append(CompileCase({"": "contiguous", "groups": groups, "m": m, "n": n, "k": k}, launches[0], wgmma=True))
+        for groups, expected_m in REPORT_MASKED:
+            with capturing(target) as launches:
+                m_grouped_fp8_gemm_nt_masked(
+                    _fp8(groups, 4096, k), _scales(groups, 4096, ceil_div(k, GROUP)), _fp8(groups, n, k),
+                    _scales(groups, ceil_div(n, GROUP), ceil_div(k, GROUP)),
+                    meta_tensor(groups, 4096, n, dtype=torch.bfloat16), meta_tensor(groups, dtype=torch.int32), expected_m)
+            cases.append(CompileCase({"": "masked", "groups": groups, "m": expected_m, "n": n, "k": k}, launches[0],
+                                     wgmma=True, representative=(groups, expected_m, n, k) == (32, 20, 4096, 4096)))
+    for groups, m, n, k in REPORT_K_GROUPED:
+        ks = [k] * groups
+        with capturing(target) as launches:
+            k_grouped_fp8_gemm_tn_contiguous(
+                _fp8(groups * k, m), _scales(groups * k // GROUP, m), _fp8(groups * k, n), _scales(groups * k // GROUP, n),
+                meta_tensor(groups, m, n, dtype=torch.float32), ks, meta_tensor(groups, m, n, dtype=torch.float32))
+        cases.append(CompileCase({"": "k-grouped", "groups": groups, "m": m, "n": n, "k": k}, launches[0], wgmma=True,
+                                 representative=groups == 4 and m == 4096))
+    return cases

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from dsinfra.flash_mla.fp8_cache import split_fp8_cache
 from dsinfra.fp8 import GROUP
-from dsinfra.triton_utils import INTERPRETING, dot
+from dsinfra.triton_utils import INTERPRETING, CompileCase, Target, capturing, dot, launch, meta_tensor
 
 # Tiles chosen by compiling for sm_90 and reading ptxas' resource use (no GPU ran them yet):
 # 32 tokens x 32 query rows for 512-wide V (a [32, 512] float32 accumulator over 8 warps spills
@@ -253,7 +253,8 @@ def flash_mla_with_kvcache(
     num_warps = 8
     num_stages = 1 if dv_pad >= 512 else 2  # pipelining 512-wide FP8 tiles would need 211 KiB of shared memory
     row_blocks = triton.cdiv(rows_per_head_k, block_m)
-    _split_kernel[(num_rows, num_heads_k, row_blocks)](
+    launch(
+        _split_kernel, (num_rows, num_heads_k, row_blocks),
         q, q.stride(0), q.stride(1), q.stride(2),
         nope, scales, rope,
         nope.stride(1), nope.stride(2), scales.stride(1), scales.stride(2), rope.stride(1), rope.stride(2),
@@ -265,10 +266,55 @@ def flash_mla_with_kvcache(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
     )
-    _combine_kernel[(sequences, num_heads_k, row_blocks)](
+    launch(
+        _combine_kernel, (sequences, num_heads_k, row_blocks),
         part_out, part_lse, num_splits,
         out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), lse.stride(2),
         heads_per_k, rows_per_head_k, sequences_per_batch,
         HEAD_DIM_V=head_dim_v, DV_PAD=dv_pad, BLOCK_M=block_m, num_warps=num_warps,
     )
     return out, lse
+
+
+# DeepSeek-V3's decoding shapes for the `kernels` report: MLA heads of 576/512, one
+# KV head, 64-token pages, 4096 cached tokens per sequence, sparse top-2048.
+REPORT_HEADS = (16, 64, 128)
+REPORT_BATCHES = (1, 8, 64, 128)
+REPORT_SEQLEN, REPORT_TOPK, REPORT_PAGE = 4096, 2048, 64
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """Both kernels as a decoding call launches them for ``target``: 16, 64 and 128
+    heads, s_q 1 and 2 (causal), bf16 and FP8 cache, dense and sparse, batch 1..128."""
+    from dsinfra.flash_mla.fp8_cache import bytes_per_token
+
+    head_dim, head_dim_v = 576, 512
+    cases = []
+    for heads in REPORT_HEADS:
+        for seq_len_q in (1, 2):
+            for fp8 in (False, True):
+                for sparse in (False, True):
+                    for batch in REPORT_BATCHES:
+                        blocks = batch * REPORT_SEQLEN // REPORT_PAGE
+                        entry = bytes_per_token(head_dim, head_dim_v) if fp8 else head_dim
+                        q = meta_tensor(batch, seq_len_q, heads, head_dim, dtype=torch.bfloat16)
+                        k_cache = meta_tensor(blocks, REPORT_PAGE, 1, entry, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+                        block_table = meta_tensor(batch, REPORT_SEQLEN // REPORT_PAGE, dtype=torch.int32)
+                        lengths = meta_tensor(batch, dtype=torch.int32)
+                        indices = meta_tensor(batch, seq_len_q, REPORT_TOPK, dtype=torch.int32) if sparse else None
+                        sequences = batch * (seq_len_q if sparse else 1)
+                        plan = meta_tensor(target.num_sms + sequences, 3, dtype=torch.int32)
+                        num_splits = meta_tensor(sequences + 1, dtype=torch.int32)
+                        with capturing(target) as launches:
+                            flash_mla_with_kvcache(q, k_cache, block_table, lengths, head_dim_v, plan, num_splits,
+                                                   head_dim**-0.5, causal=seq_len_q > 1 and not sparse,
+                                                   is_fp8_kvcache=fp8, indices=indices)
+                        config = {"heads": heads, "s_q": seq_len_q, "cache": "fp8" if fp8 else "bf16",
+                                  "": "sparse" if sparse else "dense", "batch": batch}
+                        representative = heads == 128 and seq_len_q == 2 and batch == 64
+                        rows_per_head_k = heads if sparse else heads * seq_len_q
+                        split, combine = launches
+                        cases.append(CompileCase(config, split, async_copy=True, wgmma=rows_per_head_k >= 64,
+                                                 representative=representative))
+                        cases.append(CompileCase(config, combine, representative=representative))
+    return cases

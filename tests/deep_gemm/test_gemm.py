@@ -120,18 +120,18 @@ def test_no_rows(implementation, kernel_device):
     assert out.shape == (0, 64)
 
 
-def test_triton_without_fp8_dot(monkeypatch, kernel_device):
-    """Older GPUs get the operands as bytes and decode them in the kernel."""
-    from dsinfra.deep_gemm import triton_impl
+def test_triton_without_fp8_dot(kernel_device):
+    """Older GPUs (sm_80's configuration) get the operands as bytes and decode them in the kernel."""
+    from dsinfra.triton_utils import TARGETS, targeting
 
-    monkeypatch.setattr(triton_impl, "fp8_dot_supported", lambda device: False)
     m, n, k = 70, 130, 200
     a, b, _ = dense(m, n, k, seed=3)
     # every FP8 value (NaN aside) and the subnormals among them decode exactly
     a[0].view(torch.uint8)[0, :126] = torch.arange(1, 127, dtype=torch.uint8)
     a[0].view(torch.uint8)[1, :126] = torch.arange(129, 255, dtype=torch.uint8)
     reference = run_dense("reference", a, b, m, n)
-    assert calc_diff(run_dense("triton", a, b, m, n, kernel_device), reference) < CLOSE_TO_REFERENCE
+    with targeting(TARGETS["sm80"]):
+        assert calc_diff(run_dense("triton", a, b, m, n, kernel_device), reference) < CLOSE_TO_REFERENCE
 
 
 @pytest.mark.gpu
