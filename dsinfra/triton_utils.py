@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -127,6 +128,13 @@ def target_for(device: torch.device | str) -> Target:
         return Target(arch, "hip", arch, 64, props.multi_processor_count, shared)
     arch = props.major * 10 + props.minor
     return Target(f"sm{arch}", "cuda", arch, 32, props.multi_processor_count, shared)
+
+
+def autotuning() -> bool:
+    """Whether wrappers may time candidate launch configurations: on a GPU, outside
+    :func:`targeting` and :func:`capturing`, unless ``DSINFRA_AUTOTUNE=0``."""
+    return (not backend.interpreting() and _targeted.get() is None and _captured.get() is None
+            and os.environ.get("DSINFRA_AUTOTUNE", "1") != "0")
 
 
 @contextlib.contextmanager
