@@ -27,6 +27,7 @@ COMMANDS = {
     "schedule": ("dsinfra.dualpipe.cli", "simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P)"),
     "run": ("dsinfra.run_aliased", "run a script written for DeepSeek's originals, their imports resolving to dsinfra"),
     "generate": ("dsinfra.models.cli", "greedy generation with a Hugging Face DeepSeek-V2/V3/R1/V3.2 checkpoint through FlashMLA, DeepGEMM, DeepEP"),
+    "kernels": ("dsinfra.kernel_report", "compile the Triton kernels for sm_80/89/90 and gfx942 and report their resources"),
 }
 
 

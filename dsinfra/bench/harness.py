@@ -88,6 +88,8 @@ class Ceilings:
     matmul_flops_per_s: float  # square bf16 torch.matmul
     copy_bytes: int  # size of the copied tensor
     matmul_size: int  # n of the n x n x n matmul
+    read_bytes_per_s: float | None = None  # device memory read once (a sum over it)
+    fp8_matmul_flops_per_s: float | None = None  # square float8_e4m3fn torch._scaled_mm, tensor-wise scales (GPUs)
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -105,12 +107,29 @@ def measure_ceilings(device: torch.device | str, *, quick: bool = False) -> Ceil
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
     matmul = time_callable(lambda: torch.matmul(a, b), device, repeats=5 if quick else 20)
+    read = time_callable(lambda: src.sum(), device, repeats=5 if quick else 20)
     return Ceilings(
         copy_bytes_per_s=2 * copy_bytes / copy.min,
         matmul_flops_per_s=2 * n**3 / matmul.min,
         copy_bytes=copy_bytes,
         matmul_size=n,
+        read_bytes_per_s=copy_bytes / read.min,
+        fp8_matmul_flops_per_s=fp8_matmul_rate(a, b, repeats=5 if quick else 20) if gpu else None,
     )
+
+
+def fp8_matmul_rate(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float | None:
+    """FLOP/s of ``torch._scaled_mm`` on a and b cast to float8_e4m3fn with tensor-wise
+    scales (the fastest FP8 matmul PyTorch offers), or None where it is unavailable."""
+    x = a.to(torch.float8_e4m3fn)
+    y = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as _scaled_mm wants its second operand
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    try:
+        timing = time_callable(lambda: torch._scaled_mm(x, y, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                               a.device, repeats=repeats)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / timing.min
 
 
 @dataclasses.dataclass

@@ -2,13 +2,16 @@
 ``get_dispatch_layout`` kernel: each program takes a block of tokens, marks the
 ranks and nodes each token goes to, and adds its counts to the per-expert,
 per-rank and per-node totals with integer atomics (so the result does not
-depend on the order the programs run in)."""
+depend on the order the programs run in). A program's [tokens, ranks] table
+holds at most 1024 entries (8 a thread), so 64 ranks fit in registers."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from dsinfra.triton_utils import CompileCase, Target, capturing, launch, meta_tensor
 
 
 @triton.jit
@@ -59,9 +62,10 @@ def get_dispatch_layout(
     per_node = torch.zeros(num_nodes, dtype=torch.int32, device=device)
     is_token_in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.int8, device=device)
     ranks_pow2 = triton.next_power_of_2(num_ranks)
-    block_tokens = max(16, min(128, 4096 // ranks_pow2))
+    block_tokens = max(16, min(128, 1024 // ranks_pow2))
     if num_tokens and num_topk:
-        _layout_kernel[(triton.cdiv(num_tokens, block_tokens),)](
+        launch(
+            _layout_kernel, (triton.cdiv(num_tokens, block_tokens),),
             topk_idx.contiguous(),
             num_tokens,
             per_expert,
@@ -80,3 +84,14 @@ def get_dispatch_layout(
     else:
         is_token_in_rank.zero_()
     return per_rank, per_node if num_nodes > 1 else None, per_expert, is_token_in_rank.view(torch.bool)
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """The layout of DeepSeek-V3's routing (256 experts, top-8, 4096 tokens) over
+    8 ranks on one node and 64 ranks on 8 nodes."""
+    cases = []
+    for num_ranks, num_nodes in ((8, 1), (64, 8)):
+        with capturing(target) as launches:
+            get_dispatch_layout(meta_tensor(4096, 8, dtype=torch.int64), 256, num_ranks, num_nodes)
+        cases.append(CompileCase({"ranks": num_ranks, "nodes": num_nodes}, launches[0], representative=num_ranks == 64))
+    return cases

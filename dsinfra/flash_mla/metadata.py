@@ -26,9 +26,12 @@ position selects its own tokens.
 
 ``num_parts`` is the number of parallel units (SMs, or CPU threads) divided by
 the number of programs each split occupies (KV heads times blocks of 64 query
-rows), as upstream divides its SMs. Splits are at least 256 tokens long and a
-multiple of 64. The plan is computed with tensor operations on
-``cache_seqlens``' device, without a host sync.
+rows), as upstream divides its SMs. Splits are a multiple of 64 tokens (the
+kernels' tiles divide 64) and at least 64 long, so that one to eight sequences
+of a few thousand tokens still give every SM a split: a split's partial output
+(its rows times 512 float32, written and read back by the combine) costs less
+than the 64 tokens of keys it saves another SM from reading. The plan is
+computed with tensor operations on ``cache_seqlens``' device, without a host sync.
 
 The reference and the PyTorch implementations do not need the plan (the PyTorch
 path batches whole sequences and lets each matmul use every thread); the Triton
@@ -44,7 +47,7 @@ from dsinfra.flash_mla.sched_meta import FlashMLASchedMeta
 from dsinfra.validation import check_positive, check_range, check_tensor
 
 ROWS_PER_PROGRAM = 64  # query rows one program of upstream's kernel serves
-MIN_SPLIT_TOKENS = 256
+MIN_SPLIT_TOKENS = 64
 SPLIT_MULTIPLE = 64
 
 

@@ -120,18 +120,39 @@ def test_no_rows(implementation, kernel_device):
     assert out.shape == (0, 64)
 
 
-def test_triton_without_fp8_dot(monkeypatch, kernel_device):
-    """Older GPUs get the operands as bytes and decode them in the kernel."""
-    from dsinfra.deep_gemm import triton_impl
+@pytest.mark.parametrize("target", ["sm80", "gfx942"])
+def test_triton_fp8_as_each_target_reads_it(kernel_device, target):
+    """sm_80's configuration decodes the bytes to fp16 in the kernel, gfx942's reads
+    them as float8_e4m3fnuz (half the value; -0 must become +0): every FP8 value
+    (NaN aside), subnormals and -0 included, gives the reference's product."""
+    from dsinfra.triton_utils import TARGETS, targeting
 
-    monkeypatch.setattr(triton_impl, "fp8_dot_supported", lambda device: False)
     m, n, k = 70, 130, 200
     a, b, _ = dense(m, n, k, seed=3)
-    # every FP8 value (NaN aside) and the subnormals among them decode exactly
     a[0].view(torch.uint8)[0, :126] = torch.arange(1, 127, dtype=torch.uint8)
-    a[0].view(torch.uint8)[1, :126] = torch.arange(129, 255, dtype=torch.uint8)
+    a[0].view(torch.uint8)[1, :127] = torch.arange(128, 255, dtype=torch.uint8)  # 0x80 is -0
+    b[0].view(torch.uint8)[:, 5] = 0x80
     reference = run_dense("reference", a, b, m, n)
-    assert calc_diff(run_dense("triton", a, b, m, n, kernel_device), reference) < CLOSE_TO_REFERENCE
+    with targeting(TARGETS[target]):
+        assert calc_diff(run_dense("triton", a, b, m, n, kernel_device), reference) < CLOSE_TO_REFERENCE
+
+
+def test_triton_split_k_and_narrow_tiles(kernel_device):
+    """A decode shape on sm_90's 132 SMs: 32-wide N tiles and K cut into splits whose
+    float32 sums are added (with c) by a second kernel."""
+    from dsinfra.deep_gemm import triton_impl
+    from dsinfra.triton_utils import TARGETS, targeting
+
+    m, n, k = 5, 96, 1100
+    config = triton_impl.gemm_config(TARGETS["sm90"], m, n, k, split_k_allowed=True)
+    assert config["BLOCK_N"] == 32 and config["SPLIT_K"] == 2
+    a, b, _ = dense(m, n, k, seed=4)
+    c = randn(m, n, seed=5, device=kernel_device)
+    expected = run_dense("reference", a, b, m, n, dtype=torch.float32) + c.cpu()
+    d = torch.empty(m, n, device=kernel_device)
+    with targeting(TARGETS["sm90"]):
+        call("triton", deep_gemm.fp8_gemm_nt, tuple(to(kernel_device, *a)), tuple(to(kernel_device, *b)), d, c=c)
+    assert calc_diff(d.cpu(), expected) < CLOSE_TO_REFERENCE
 
 
 @pytest.mark.gpu

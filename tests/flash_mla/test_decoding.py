@@ -147,6 +147,18 @@ def test_triton_fp8_and_sparse(backend_triton):
     check_against_reference(inputs, indices=indices, fp8=True)
 
 
+@pytest.mark.parametrize("target", ["sm80", "gfx942"])
+def test_triton_each_targets_configuration(backend_triton, target):
+    """The tiles sm_80 and gfx942 launch with (the interpreter otherwise runs sm_90's):
+    FP8 dense with a causal mask, and sparse."""
+    from dsinfra.triton_utils import TARGETS, targeting
+
+    inputs = moved(paged_inputs([70, 20], num_heads_q=16, seq_len_q=2), backend_triton)
+    with targeting(TARGETS[target]):
+        check_against_reference(inputs, fp8=True, causal=True, parts=3)
+        check_against_reference(inputs, indices=sparse_indices(inputs, 2, 40).to(backend_triton), parts=2)
+
+
 def test_triton_plan_outlives_growing_lengths(backend_triton):
     """A plan made before the sequences grew still covers their new tokens."""
     inputs = moved(paged_inputs([300, 10], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=16), backend_triton)

@@ -42,7 +42,16 @@ def test_plan_spreads_long_sequences_over_the_parts():
     assert num_splits.tolist() == [0, 65, 66, 131, 132]  # splits of ceil(132100 / 132) = 1001 -> 1024 tokens
     check_plan(table, num_splits, lengths, 132)
     table, num_splits = metadata.plan_splits(torch.tensor([8192, 100]), 132)
-    assert num_splits.tolist() == [0, 32, 33]  # short batches: splits of the minimum, 256 tokens
+    assert num_splits.tolist() == [0, 128, 130]  # short batches: splits of the minimum, 64 tokens
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_small_batches_fill_the_sms(batch):
+    """Decoding 1 to 8 sequences of 4096 tokens with 128 heads (two 64-row blocks a
+    split) on 132 SMs: a split for nearly every pair of SMs (splits are whole 64-token tiles)."""
+    parts = 132 // 2
+    table, num_splits = metadata.plan_splits(torch.full((batch,), 4096), parts)
+    assert parts * 0.95 <= int(num_splits[-1]) <= parts + batch
 
 
 def test_get_mla_metadata_dense_and_sparse(monkeypatch):
