@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsinfra.triton_utils import dot, fp8_dot_supported
+from dsinfra.triton_utils import CompileCase, Target, capturing, dot, launch, meta_tensor, target_for
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _QUERY_HEAD_ROWS = 64  # rows x heads per tile, at least
@@ -139,8 +139,8 @@ def _paged_mqa_logits_kernel(
 
 def _dot_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """The operands as the dot takes them here: FP8 as is where ``tl.dot`` takes
-    FP8, else widened to bfloat16 (exact)."""
-    if fp8_dot_supported(tensors[0].device):
+    float8_e4m3fn, else widened to bfloat16 (exact)."""
+    if target_for(tensors[0].device).fp8_dot == "e4m3fn":
         return list(tensors)
     return [t.to(torch.bfloat16) if t.dtype == torch.float8_e4m3fn else t for t in tensors]
 
@@ -165,7 +165,8 @@ def mqa_logits(q, kv, kv_scales, weights, ks, ke, clean_logits, max_seqlen_k, lo
     q, kv = _dot_operands(q, kv)
     tile = _tile(seq_len, num_heads, head_dim)
     grid = (triton.cdiv(seq_len, tile["BLOCK_ROWS"]), triton.cdiv(seq_len_kv, tile["BLOCK_KEYS"]))
-    _mqa_logits_kernel[grid](
+    launch(
+        _mqa_logits_kernel, grid,
         q, kv, kv_scales, weights, ks.contiguous(), ke.contiguous(), out,
         seq_len, seq_len_kv, num_heads, head_dim, columns,
         *q.stride(), *kv.stride(), *weights.stride(), out.stride(0),
@@ -184,10 +185,48 @@ def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_contex
     tile = _tile(next_n, num_heads, head_dim)
     tile["BLOCK_ROWS"] = max(tile["BLOCK_ROWS"], triton.next_power_of_2(next_n))
     grid = (batch_size, triton.cdiv(max_context_len, tile["BLOCK_KEYS"]))
-    _paged_mqa_logits_kernel[grid](
+    launch(
+        _paged_mqa_logits_kernel, grid,
         q, kv, kv_scales, weights, visible.contiguous(), block_table, out,
         next_n, num_heads, head_dim, kv.shape[1], max_context_len,
         *q.stride(), *kv.stride(), *kv_scales.stride(), *weights.stride(), block_table.stride(0), out.stride(0),
         CLEAN=clean_logits, **tile,
     )  # fmt: skip
     return out
+
+
+# DeepSeek-V3.2's indexer shapes for the `kernels` report: 64 heads of 128, FP8 keys.
+REPORT_HEADS, REPORT_HEAD_DIM = 64, 128
+REPORT_PREFILL = ((4096, 4096), (2048, 8192))  # (queries, keys)
+REPORT_DECODE = ((64, 1), (64, 2), (128, 1))  # (batch, next_n), 4096 keys in pages of 64
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """Both kernels as the V3.2 indexer launches them for ``target``: prefill over
+    contiguous keys (columns compressed to each row's range or not) and decoding
+    over a paged cache."""
+    cases = []
+    for seq_len, seq_len_kv in REPORT_PREFILL:
+        for compressed in (False, True):
+            with capturing(target) as launches:
+                mqa_logits(meta_tensor(seq_len, REPORT_HEADS, REPORT_HEAD_DIM, dtype=torch.float8_e4m3fn),
+                           meta_tensor(seq_len_kv, REPORT_HEAD_DIM, dtype=torch.float8_e4m3fn),
+                           meta_tensor(seq_len_kv, dtype=torch.float32), meta_tensor(seq_len, REPORT_HEADS, dtype=torch.float32),
+                           meta_tensor(seq_len, dtype=torch.int32), meta_tensor(seq_len, dtype=torch.int32),
+                           True, 1024 if compressed else 0, torch.float32)
+            config = {"s_q": seq_len, "keys": seq_len_kv, "": "compressed" if compressed else "full"}
+            cases.append(CompileCase(config, launches[0], representative=(seq_len, compressed) == (4096, False)))
+    for batch, next_n in REPORT_DECODE:
+        from dsinfra.deep_gemm.mqa_logits import _split_cache
+
+        blocks = batch * 4096 // 64
+        kv_values, kv_scales = _split_cache(meta_tensor(blocks, 64, 1, REPORT_HEAD_DIM + 4, dtype=torch.uint8), False)
+        with capturing(target) as launches:
+            paged_mqa_logits(meta_tensor(batch, next_n, REPORT_HEADS, REPORT_HEAD_DIM, dtype=torch.float8_e4m3fn),
+                             kv_values, kv_scales,
+                             meta_tensor(batch * next_n, REPORT_HEADS, dtype=torch.float32),
+                             meta_tensor(batch * next_n, dtype=torch.int32), meta_tensor(batch, 4096 // 64, dtype=torch.int32),
+                             4096, True, torch.float32)
+        config = {"s_q": next_n, "batch": batch, "": "paged"}
+        cases.append(CompileCase(config, launches[0], representative=(batch, next_n) == (64, 2)))
+    return cases

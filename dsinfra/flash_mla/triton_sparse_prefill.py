@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsinfra.triton_utils import INTERPRETING, dot
+from dsinfra.triton_utils import INTERPRETING, CompileCase, Target, capturing, dot, launch, meta_tensor
 
 BLOCK_N = 32  # index positions per tile
 BLOCK_D = 64  # head-dim channels per partial dot: 576 = 9 x 64
@@ -115,7 +115,8 @@ def flash_mla_sparse_fwd(
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    _sparse_prefill_kernel[(s_q, h_kv, triton.cdiv(heads_per_kv, block_h))](
+    launch(
+        _sparse_prefill_kernel, (s_q, h_kv, triton.cdiv(heads_per_kv, block_h)),
         q, q.stride(0), q.stride(1),
         kv, kv.stride(0), kv.stride(1),
         indices, indices.stride(0), indices.stride(1),
@@ -127,3 +128,27 @@ def flash_mla_sparse_fwd(
         num_warps=8, num_stages=1 if dv_pad >= 512 else 2,
     )
     return out.to(q.dtype), max_logits, lse
+
+
+# DeepSeek-V3.2's sparse prefill shapes for the `kernels` report: 128 (and, under
+# tensor parallelism, 64 and 16) query heads over one KV head of 576 / 512, top-2048.
+REPORT_HEADS = (16, 64, 128)
+REPORT_QUERIES, REPORT_KEYS, REPORT_TOPK = 4096, 8192, 2048
+
+
+def compile_cases(target: Target) -> list[CompileCase]:
+    """The kernel as a V3.2 prefill launches it for ``target``, with and without
+    ``topk_length`` and the attention sink."""
+    cases = []
+    for heads in REPORT_HEADS:
+        for extras in (False, True):
+            q = meta_tensor(REPORT_QUERIES, heads, 576, dtype=torch.bfloat16)
+            kv = meta_tensor(REPORT_KEYS, 1, 576, dtype=torch.bfloat16)
+            indices = meta_tensor(REPORT_QUERIES, 1, REPORT_TOPK, dtype=torch.int32)
+            sink = meta_tensor(heads, dtype=torch.float32) if extras else None
+            lengths = meta_tensor(REPORT_QUERIES, dtype=torch.int32) if extras else None
+            with capturing(target) as launches:
+                flash_mla_sparse_fwd(q, kv, indices, 576**-0.5, 512, attn_sink=sink, topk_length=lengths)
+            config = {"heads": heads, "s_q": REPORT_QUERIES, "": "sink+topk_length" if extras else "plain"}
+            cases.append(CompileCase(config, launches[0], representative=heads == 128 and not extras))
+    return cases
