@@ -60,6 +60,12 @@ def test_gemm_uses_wgmma_on_sm90(tmp_path):
     assert [row["tensor_core"] for row in rows] == ["QGMMA"] and rows[0]["async_copy"]
 
 
+def test_indexer_and_sparse_prefill_on_sm90(tmp_path):
+    rows = run_report(tmp_path, "--kernels", "mqa_logits|sparse_prefill", "--targets", "sm90")
+    assert {row["kernel"].rsplit(".", 1)[1] for row in rows} == {"mqa_logits_kernel", "paged_mqa_logits_kernel", "sparse_prefill_kernel"}
+    assert all(row["spill_bytes"] == 0 and "MMA" in row["tensor_core"] for row in rows), rows
+
+
 PLAN = """
 import json
 from dsinfra import kernel_report

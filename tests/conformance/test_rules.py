@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch
-import torch.distributed as dist
 
 from dsinfra.conformance import standins
 from dsinfra.conformance.rules import (
