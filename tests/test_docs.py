@@ -1,17 +1,22 @@
 """Every ```python block in README.md and docs/*.md runs as pasted.
 
 Each block is a complete program: it is written to a file in an empty
-temporary folder and run there by a fresh interpreter that finds dsinfra in
-this checkout, with none of the test suite's settings (no TRITON_INTERPRET, no
-DSINFRA_*), as a user who pastes it would run it. Examples that need ranks
-start them themselves (under ``if __name__ == "__main__":``)."""
+temporary folder and run there as ``__main__`` by a process of its own that
+finds dsinfra in this checkout, with none of the test suite's settings (no
+TRITON_INTERPRET, no DSINFRA_*), as a user who pastes it would run it. The
+processes fork from a server that has imported torch and nothing else (a
+fresh interpreter per block would spend most of the test importing torch).
+Examples that need ranks start them themselves (under
+``if __name__ == "__main__":``)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
-import subprocess
+import runpy
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -62,14 +67,52 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
+def run_as_main(script: str, environment: dict[str, str], output: str) -> None:
+    """In the forked process: the script as ``__main__`` in its own folder, with
+    ``environment`` and both output streams going to ``output``."""
+    folder = os.path.dirname(script)
+    os.chdir(folder)
+    os.environ.clear()
+    os.environ.update(environment)
+    sys.path[:] = [folder, str(ROOT), *(entry for entry in sys.path if entry not in ("", folder, str(ROOT)))]
+    sys.argv[:] = [script]
+    with open(output, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (stop.code is not None)
+        sys.stdout.flush()
+        os._exit(code)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def preloaded():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch"])
+    return context
+
+
 @pytest.mark.parametrize("page, line, code", python_blocks())
-def test_python_block_runs_as_pasted(page, line, code, tmp_path):
-    script = tmp_path / "example.py"
+def test_python_block_runs_as_pasted(page, line, code, tmp_path, preloaded):
+    script, output = tmp_path / "example.py", tmp_path.parent / f"{tmp_path.name}.out"
     script.write_text(code)
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert done.returncode == 0, f"{page.relative_to(ROOT)}, the block on line {line}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    process = preloaded.Process(target=run_as_main, args=(str(script), clean_environment(), str(output)))
+    process.start()
+    process.join(TIMEOUT)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    printed = output.read_text(errors="replace") if output.exists() else ""
+    assert process.exitcode == 0, f"{page.relative_to(ROOT)}, the block on line {line} (exit {process.exitcode}):\n{printed[-5000:]}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
