@@ -19,8 +19,8 @@
 # installed torch and Triton, needs no network; pytest-xdist, where installed, runs the tests
 # in parallel. GPU_CHECK_QUICK=1 makes it a smoke run of a few small cases (also on a CPU).
 set -uo pipefail
-OUT=${1:-gpu-out}
-mkdir -p "$OUT"
+DIR=${1:-gpu-out}
+mkdir -p "$DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))
@@ -29,15 +29,15 @@ left() { local seconds=$((DEADLINE - SECONDS)); echo $((seconds > 0 ? seconds : 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
     "$PY" -m dsinfra info
-} >"$OUT/environment.txt" 2>&1
+} >"$DIR/environment.txt" 2>&1
 
 # The benchmarks with their correctness checks first (most of the time), then the tests.
 QUICK=()
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && QUICK=(--quick)
 CHECK_SECONDS=$(( $(left) * 2 / 3 ))
 timeout --signal=INT --kill-after=10 "$(( CHECK_SECONDS + 60 ))" \
-    "$PY" -m dsinfra.bench.gpu_check --out "$OUT" --seconds "$CHECK_SECONDS" "${QUICK[@]}" >"$OUT/check.log" 2>&1
-echo "check: exit $? ($(left) s left); $(tail -n 1 "$OUT/check.log")"
+    "$PY" -m dsinfra.bench.gpu_check --out "$DIR" --seconds "$CHECK_SECONDS" "${QUICK[@]}" >"$DIR/check.log" 2>&1
+echo "check: exit $? ($(left) s left); $(tail -n 1 "$DIR/check.log")"
 
 # The kernel tests, compiled for this GPU; the random-shape ones are left out (each compiles
 # new kernel variants). -x stops at the first failure.
@@ -48,8 +48,8 @@ SELECT=(-k "(triton or cuda or gpu or layout) and not random")
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && TESTS=(tests/test_triton_utils.py) && PARALLEL=()
 if [ "$(left)" -gt 20 ]; then
     timeout --signal=INT --kill-after=10 "$(( $(left) - 10 ))" \
-        "$PY" -m pytest -q -x -p no:cacheprovider "${PARALLEL[@]}" "${TESTS[@]}" "${SELECT[@]}" >"$OUT/tests.txt" 2>&1
-    echo "tests: exit $? ($(left) s left); $(tail -n 1 "$OUT/tests.txt")"
+        "$PY" -m pytest -q -x -p no:cacheprovider "${PARALLEL[@]}" "${TESTS[@]}" "${SELECT[@]}" >"$DIR/tests.txt" 2>&1
+    echo "tests: exit $? ($(left) s left); $(tail -n 1 "$DIR/tests.txt")"
 else
-    echo "tests: not run, the deadline was near" | tee "$OUT/tests.txt"
+    echo "tests: not run, the deadline was near" | tee "$DIR/tests.txt"
 fi

@@ -1,8 +1,7 @@
 """The parallel run's first step equals one process running the same model on
-the whole batch: loss and every parameter's gradient (the issue's check), on a
+the whole batch: loss and every parameter's gradient, on a
 pipeline x expert-parallel grid, with FP8 experts and without."""
 
-import dataclasses
 
 import pytest
 import torch
