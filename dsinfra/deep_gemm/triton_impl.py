@@ -254,14 +254,17 @@ def _k_grouped_gemm_kernel(
 def programs_per_sm(target: Target) -> int:
     """Programs each SM runs at once: two, so that one program's promotion (the
     multiply-adds after its MMAs complete) runs while the other's tensor-core work
-    is in flight, as DeepGEMM's two math warpgroups take turns."""
-    return 2
+    is in flight, as DeepGEMM's two math warpgroups take turns; one where FP8 is
+    decoded to fp16 in the kernel, whose program takes 8 warps (see
+    :func:`gemm_config`) and the registers of both."""
+    return 1 if target.fp8_dot == "fp16" else 2
 
 
 def gemm_config(target: Target, m: int, n: int, k: int, groups: int = 1, split_k_allowed: bool = False) -> dict[str, int]:
     """The table's tile sizes for ``groups`` GEMMs of ``m`` rows (per group) by ``n``
     by ``k`` on ``target``: 64 x 128 tiles on 4 warps (one warpgroup, as each of
-    DeepGEMM's math warpgroups owns 64 rows), narrower N tiles (down to 32) while
+    DeepGEMM's math warpgroups owns 64 rows; 8 warps where FP8 is decoded to fp16
+    in the kernel, on 4 the decoded tiles spill registers), narrower N tiles (down to 32) while
     there are fewer tiles than programs, then (where allowed) K cut into splits of
     at least four 128-blocks; as many pipeline stages (2 to 4) as a program's share
     of the shared memory holds."""
@@ -283,7 +286,7 @@ def gemm_config(target: Target, m: int, n: int, k: int, groups: int = 1, split_k
             break
         block_k //= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "SWIZZLE": 8,
-            "num_warps": 4, "num_stages": max(1, stages)}
+            "num_warps": 8 if decoded else 4, "num_stages": max(1, stages)}
 
 
 def _neighbours(config: dict[str, int]) -> list[dict[str, int]]:

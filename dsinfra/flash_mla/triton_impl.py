@@ -38,6 +38,7 @@ from dsinfra.triton_utils import (
     E4M3_DECODED_SCALE, INTERPRETING, CompileCase, Target, capturing, decode_e4m3, dot, launch, meta_tensor, target_for,
 )
 
+
 @triton.jit
 def _cast(x, dtype: tl.constexpr):
     """``x.to(dtype)``, rounding to nearest even under the interpreter too
