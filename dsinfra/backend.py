@@ -107,3 +107,16 @@ def num_parallel_units(device: torch.device | str) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).multi_processor_count
     return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=None)
+def native_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` (bf16 or fp16) matrices natively on this
+    CPU (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16). Without
+    it such a matmul is a scalar loop, hundreds of times slower than a float32 one,
+    so CPU paths multiply in float32 instead."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError, TypeError):  # an older or leaner PyTorch build
+        return False

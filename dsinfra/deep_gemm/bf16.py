@@ -4,7 +4,8 @@
 Every product goes through the float GEMM ``bf16_gemm_nt`` that
 :func:`dsinfra.backend.choose` picks: float32 in the reference; ``torch.matmul``
 in the torch path (a bfloat16 matmul accumulating in float32 where the output is
-bfloat16 and nothing is added, float32 otherwise) and on GPUs (cuBLAS, which
+bfloat16, nothing is added and the CPU multiplies bf16 natively, float32
+otherwise) and on GPUs (cuBLAS, which
 DeepGEMM's own BF16 kernels set out to match). Grouped forms run one product per
 group, reading the group sizes on the host.
 """

@@ -1,22 +1,26 @@
-"""The CPU path: FP8 GEMMs as bf16 matmuls over dequantised operands.
+"""The CPU path: FP8 GEMMs as bf16 (or float32) matmuls over dequantised operands.
 
-The CPU has no FP8 matrix unit, but its bf16 one (AMX, AVX-512 BF16) is fast, so
-each operand is dequantised into bf16 (``x * scale``) and handed to
-``torch.matmul``: the LHS once per call, the RHS (the weight) one N-tile of at
-most :data:`_TILE_ELEMENTS` at a time, so a large weight is never dequantised
-whole. Both land in per-thread scratch memory that is reused between calls.
+The CPU has no FP8 matrix unit. Where its bf16 one is there (AMX, AVX-512 BF16:
+:func:`dsinfra.backend.native_cpu_matmul`), each operand is dequantised into
+bf16 (``x * scale``) and handed to ``torch.matmul``; elsewhere (AVX2 machines,
+on which a bf16 matmul is a scalar loop hundreds of times slower) into float32.
+The LHS is dequantised once per call, the RHS (the weight) one N-tile of at most
+:data:`_TILE_ELEMENTS` at a time, so a large weight is never dequantised whole.
+Both land in per-thread scratch memory that is reused between calls.
 
 Dequantising. Eager PyTorch converts float8 to other dtypes one element at a time
 on a CPU, so :func:`_dequantise` widens with integer ops instead
-(:func:`dsinfra.fp8.fp8_bits_widened`: the bf16 of ``x * 2^-120``, exactly). One
-bf16 multiply by ``scale * 2^120`` then gives ``x * scale``. That factor is rounded to
-bf16 and the product once more, so an operand carries a relative error of at most
-2^-7 (bf16 rounds to 2^-8), well below FP8's own 2^-4. Scales of 2^7 or more
-would overflow the factor: such an operand's scales are divided by a power of two
-first and the output is multiplied back (exact).
+(:func:`dsinfra.fp8.fp8_bits_widened`: ``x * 2^-120`` in bf16 or float32, exactly).
+One multiply by ``scale * 2^120`` then gives ``x * scale``. In bf16 that factor is
+rounded and the product once more, so an operand carries a relative error of at
+most 2^-7 (bf16 rounds to 2^-8), well below FP8's own 2^-4; in float32 only the
+product rounds (2^-24). Scales of 2^7 or more would overflow the factor: such an
+operand's scales are divided by a power of two first and the output is
+multiplied back (exact).
 
-Limits: FP8 NaN (``0x7f``, ``0xff``) reads as ±480·scale, not NaN; a float32
-output receives each product tile rounded to bf16 before ``c`` is added.
+Limits: FP8 NaN (``0x7f``, ``0xff``) reads as ±480·scale, not NaN; with bf16
+matmuls a float32 output receives each product tile rounded to bf16 before ``c``
+is added.
 """
 
 from __future__ import annotations
@@ -26,38 +30,48 @@ import threading
 
 import torch
 
+from dsinfra import backend
 from dsinfra.deep_gemm import reference
 from dsinfra.deep_gemm.utils import align, ceil_div, rhs_rows_per_scale
 from dsinfra.fp8 import GROUP, REBIAS, fp8_bits_widened, fp8_to_float
 
 _TILE_ELEMENTS = 1 << 23  # RHS elements dequantised at a time: 16 MiB of bf16
-_LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16
+_LARGEST_SCALE_EXPONENT = 7  # scale < 2^7 keeps scale * 2^120 < 2^127, finite in bf16 and float32
 _scratch = threading.local()  # per thread: the dequantised operands' memory, kept between calls
+_BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32}  # the integers fp8_bits_widened fills
 
 
-def _factors(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(bf16 ``scales * 2^(120 - e)``, e): the multipliers :func:`_dequantise` needs,
-    with e = 0 unless a scale reaches 2^7, where the multipliers would overflow bf16
-    (the output is then multiplied by 2^e)."""
+def _matmul_dtype() -> torch.dtype:
+    """The dtype operands are dequantised into: bf16 where the CPU multiplies it
+    natively, else float32."""
+    return torch.bfloat16 if backend.native_cpu_matmul(torch.bfloat16) else torch.float32
+
+
+def _factors(scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(``scales * 2^(120 - e)`` in ``dtype``, e): the multipliers :func:`_dequantise`
+    needs, with e = 0 unless a scale reaches 2^7, where the multipliers would
+    overflow (the output is then multiplied by 2^e)."""
     exponent = 0
     if scales.numel():
         smallest, largest = scales.aminmax()
         largest = max(-float(smallest), float(largest))
         if math.isfinite(largest):
             exponent = max(0, math.frexp(largest)[1] - _LARGEST_SCALE_EXPONENT)
-    return (scales * (REBIAS / 2.0**exponent)).to(torch.bfloat16), exponent
+    return (scales * (REBIAS / 2.0**exponent)).to(dtype), exponent
 
 
-def _buffer(purpose: str, rows: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    """An int16 ``[rows, align(k, 128)]`` buffer laid out like ``like`` (row- or
-    column-major), zero past column k. Its memory is this thread's scratch for
+def _buffer(purpose: str, rows: int, k: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An integer ``[rows, align(k, 128)]`` buffer of ``dtype``'s width (int16 for
+    bf16, int32 for float32) laid out like ``like`` (row- or column-major), zero
+    past column k. Its memory is this thread's scratch for
     ``purpose``, reused across calls: fresh pages cost more to fault in (about
     0.25 ns a byte here) than the dequantisation that fills them."""
     width = align(k, GROUP)
-    scratch = getattr(_scratch, purpose, None)
+    name = f"{purpose}_{_BITS[dtype]}"
+    scratch = getattr(_scratch, name, None)
     if scratch is None or scratch.numel() < rows * width:
-        scratch = torch.empty(rows * width, dtype=torch.int16)
-        setattr(_scratch, purpose, scratch)
+        scratch = torch.empty(rows * width, dtype=_BITS[dtype])
+        setattr(_scratch, name, scratch)
     if like.stride(0) == 1 and like.stride(1) != 1:
         buffer = scratch[: rows * width].view(width, rows).T
     else:
@@ -69,10 +83,10 @@ def _buffer(purpose: str, rows: int, k: int, like: torch.Tensor) -> torch.Tensor
 
 def _dequantise(x: torch.Tensor, factors: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """x: [r, k] float8_e4m3fn, factors: [r, ceil(k/128)] from :func:`_factors`,
-    buffer: [r, align(k, 128)] int16 from :func:`_buffer` -> the buffer as bf16,
-    holding ``x * scales`` (zero past column k)."""
-    fp8_bits_widened(x, torch.bfloat16, out=buffer[:, : x.shape[1]])
-    values = buffer.view(torch.bfloat16)
+    buffer: [r, align(k, 128)] from :func:`_buffer` -> the buffer as the factors'
+    dtype, holding ``x * scales`` (zero past column k)."""
+    fp8_bits_widened(x, factors.dtype, out=buffer[:, : x.shape[1]])
+    values = buffer.view(factors.dtype)
     values.unflatten(1, (-1, GROUP)).mul_(factors.unsqueeze(-1))
     return values
 
@@ -83,16 +97,17 @@ def fp8_gemm_nt(a, sa, b, sb, d, c) -> None:
     n = b.shape[0]
     if m == 0:
         return
-    lhs_factors, lhs_exponent = _factors(sa)
-    lhs = _dequantise(a, lhs_factors, _buffer("lhs", m, k, a))
-    rhs_factors, rhs_exponent = _factors(sb)
+    dtype = _matmul_dtype()
+    lhs_factors, lhs_exponent = _factors(sa, dtype)
+    lhs = _dequantise(a, lhs_factors, _buffer("lhs", m, k, a, dtype))
+    rhs_factors, rhs_exponent = _factors(sb, dtype)
     rows_per_scale = rhs_rows_per_scale(sb, n)
     if rows_per_scale > 1:
         rhs_factors = rhs_factors.repeat_interleave(rows_per_scale, dim=0)  # one row of factors per RHS row
     output_factor = 2.0 ** (lhs_exponent + rhs_exponent)
-    direct = c is None and output_factor == 1 and d.dtype == torch.bfloat16
+    direct = c is None and output_factor == 1 and d.dtype == dtype
     tile = max(GROUP, _TILE_ELEMENTS // align(k, GROUP) // GROUP * GROUP)
-    buffer = _buffer("rhs", min(tile, n), k, b)
+    buffer = _buffer("rhs", min(tile, n), k, b, dtype)
     for start in range(0, n, tile):
         stop = min(start + tile, n)
         rhs = _dequantise(b[start:stop], rhs_factors[start:stop], buffer[: stop - start])
@@ -205,9 +220,10 @@ def paged_mqa_logits(q, kv, kv_scales, weights, visible, block_table, max_contex
 
 
 def bf16_gemm_nt(a, b, d, c) -> None:
-    """bfloat16 operands into a bfloat16 output with nothing to add: one bf16 matmul
-    (float32 accumulation inside, one rounding); anything else in float32."""
-    if c is None and a.dtype == b.dtype == d.dtype == torch.bfloat16:
+    """bfloat16 operands into a bfloat16 output with nothing to add, on a CPU that
+    multiplies bf16 natively: one bf16 matmul (float32 accumulation inside, one
+    rounding); anything else in float32."""
+    if c is None and a.dtype == b.dtype == d.dtype == torch.bfloat16 and backend.native_cpu_matmul(torch.bfloat16):
         d.copy_(a @ b.T)
     else:
         reference.bf16_gemm_nt(a, b, d, c)

@@ -30,28 +30,18 @@ slower than float32 on an AVX2 machine).
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 
 import torch
 
+from dsinfra import backend
 from dsinfra.flash_mla.paged_cache import gather_tokens
 
 WAVE_SCORES = 1 << 20  # float32 scores per wave (4 MiB), so that a wave's softmax works in cache
 MAX_WAVE_TOKENS = 8192  # keys per wave: bounds the work space (35 MiB for 576-wide heads)
 MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 % or 256 keys (a wave costs ~0.3 ms)
 PREFILL_CHUNK_BYTES = 8 << 20  # float32 keys and scores per step of the sparse prefill
-
-
-@functools.lru_cache(maxsize=None)
-def native_matmul(dtype: torch.dtype) -> bool:
-    """Whether oneDNN multiplies ``dtype`` (bf16 or fp16) matrices natively on this CPU."""
-    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError, TypeError):  # an older or leaner PyTorch build
-        return False
 
 
 def plan_waves(lengths: list[int], wave_tokens: int) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
@@ -111,7 +101,7 @@ def flash_mla_with_kvcache(
         .reshape(sequences, num_heads_k, rows, head_dim)
         .float()
     )
-    pv_dtype = q.dtype if q.device.type != "cpu" or native_matmul(q.dtype) else torch.float32
+    pv_dtype = q.dtype if q.device.type != "cpu" or backend.native_cpu_matmul(q.dtype) else torch.float32
     wave_tokens = max(1, min(MAX_WAVE_TOKENS, WAVE_SCORES // (num_heads_k * rows)))
     waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens)
     piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)

@@ -27,9 +27,18 @@ def run_dense(implementation, a, b, m, n, device="cpu", **kwargs):
     return out.cpu().float()
 
 
+@pytest.fixture(params=["bf16-matmul", "float32-matmul"])
+def cpu_matmul(request, monkeypatch):
+    """The CPU path both ways: dequantised into bf16 (CPUs that multiply it
+    natively) and into float32 (the others), whichever this CPU is."""
+    from dsinfra import backend
+
+    monkeypatch.setattr(backend, "native_cpu_matmul", lambda dtype: request.param == "bf16-matmul")
+
+
 @pytest.mark.parametrize("k,n", KN)
 @pytest.mark.parametrize("m", MS)
-def test_torch_matches_reference(m, k, n):
+def test_torch_matches_reference(cpu_matmul, m, k, n):
     a, b, exact = dense(m, n, k, seed=m + k)
     reference = run_dense("reference", a, b, m, n)
     out = run_dense("torch", a, b, m, n)
@@ -48,8 +57,9 @@ def test_triton_matches_reference(kernel_device, m, k, n):
 
 @given(m=st.integers(0, 300), n=st.integers(1, 300), k=st.integers(1, 400), seed=st.integers(0, 2**16))
 def test_torch_matches_reference_on_any_shape(m, n, k, seed):
-    """Elementwise: the CPU path rounds each dequantised operand to bf16 twice
-    (relative error 2^-7 at most, so 2^-6 per product); both round the output to bf16."""
+    """Elementwise: the CPU path rounds each dequantised operand to bf16 twice, where
+    it multiplies in bf16 (relative error 2^-7 at most, so 2^-6 per product); both
+    round the output to bf16."""
     a, b, _ = dense(m, n, k, seed=seed)
     out, reference = run_dense("torch", a, b, m, n), run_dense("reference", a, b, m, n)
     magnitude = per_token_cast_back(*a).abs() @ per_block_cast_back(*b).abs().T

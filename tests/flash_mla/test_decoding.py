@@ -97,9 +97,10 @@ def test_torch_both_ways_to_multiply_by_v(backend_torch, monkeypatch, native, fp
     """The CPU path multiplies the probabilities by V in float32, or in q's dtype
     where the CPU does that natively; each way over pieces, merges, rows that see
     nothing, a peaked softmax, the FP8 cache and sparse indices."""
+    from dsinfra import backend
     from dsinfra.flash_mla import torch_impl
 
-    monkeypatch.setattr(torch_impl, "native_matmul", lambda dtype: native)
+    monkeypatch.setattr(backend, "native_cpu_matmul", lambda dtype: native)
     monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", 96)
     inputs = paged_inputs([300, 1, 95, 0, 250], num_heads_q=64, seq_len_q=2, head_dim=64, head_dim_v=64,
                           page_block_size=16, q_scale=3.0)
