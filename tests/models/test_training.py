@@ -52,5 +52,8 @@ def test_first_step_equals_one_process(pp, ep, fp8):
         # With FP8 experts, an expert's weight gradient quantises its tokens in
         # groups of 128 along the token axis (DeepSeek-V3's recipe), and expert
         # parallelism receives them in another order: equal to FP8's precision.
-        bound = 3e-3 if fp8 and is_expert_parameter(name) else 1e-10
+        # The other parameters see the experts' outputs, which on CPUs without
+        # native bf16 are float32 matmuls whose summation order depends on how
+        # many rows a rank multiplies: equal to float32's precision.
+        bound = 3e-3 if fp8 and is_expert_parameter(name) else 1e-8 if fp8 else 1e-10
         assert calc_diff(seen[name], grad) < bound, name
