@@ -205,6 +205,8 @@ def compile_cases(target: Target) -> list[CompileCase]:
     """Both kernels as the V3.2 indexer launches them for ``target``: prefill over
     contiguous keys (columns compressed to each row's range or not) and decoding
     over a paged cache."""
+    from dsinfra.deep_gemm.mqa_logits import _split_cache  # the paged cache's layout, as the API splits it
+
     cases = []
     for seq_len, seq_len_kv in REPORT_PREFILL:
         for compressed in (False, True):
@@ -217,8 +219,6 @@ def compile_cases(target: Target) -> list[CompileCase]:
             config = {"s_q": seq_len, "keys": seq_len_kv, "": "compressed" if compressed else "full"}
             cases.append(CompileCase(config, launches[0], representative=(seq_len, compressed) == (4096, False)))
     for batch, next_n in REPORT_DECODE:
-        from dsinfra.deep_gemm.mqa_logits import _split_cache
-
         blocks = batch * 4096 // 64
         kv_values, kv_scales = _split_cache(meta_tensor(blocks, 64, 1, REPORT_HEAD_DIM + 4, dtype=torch.uint8), False)
         with capturing(target) as launches:
