@@ -1,6 +1,6 @@
 """Run the registered component benchmarks (all of them, or those named) on one
 device. Each prints a table; every figure is measured in this run, against the
-device's ceilings (copy bandwidth, bf16 matmul rate) measured first, and
+device's ceilings (copy bandwidth, matmul rate) measured first, and
 against the component's naive baseline."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _print_report(path: str, components: list[str], markdown: bool) -> int:
         raise CommandError(f"--report {path}: not a report written by bench --json ({error})") from None
     ceilings = report["ceilings"]
     print(f"{report['date']}, {report['device']}: {report['machine']['cpu']}; torch {report['versions']['torch']}")
-    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
+    print(runner.describe_ceilings(report["ceilings"]))
     for name in dict.fromkeys(r.component for r in results):
         if not components or name in components:
             print(f"\n{name}\n")

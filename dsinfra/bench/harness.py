@@ -11,7 +11,7 @@ that reports cases through the :class:`BenchContext` it is given::
                         flops=2 * m * n * k, bytes=a.nbytes + b.nbytes, params={"m": m})
 
 Every figure is measured in the same run: the machine's ceilings (copy
-bandwidth, bf16 matmul rate) on the chosen device first, then each case and its
+bandwidth, matmul rate: bf16, or float32 on a CPU without native bf16) on the chosen device first, then each case and its
 naive baseline, so the ratios compare like with like.
 
 Importing a benchmark module must stay cheap (the runner imports them all to
@@ -85,9 +85,10 @@ class Ceilings:
     """What the device can do, measured in this run."""
 
     copy_bytes_per_s: float  # device memory -> device memory, bytes read + written
-    matmul_flops_per_s: float  # square bf16 torch.matmul
+    matmul_flops_per_s: float  # square torch.matmul in matmul_dtype
     copy_bytes: int  # size of the copied tensor
     matmul_size: int  # n of the n x n x n matmul
+    matmul_dtype: str = "bfloat16"  # float32 on a CPU without native bf16 matmuls (what dsinfra multiplies in there)
     read_bytes_per_s: float | None = None  # device memory read once (a sum over it)
     fp8_matmul_flops_per_s: float | None = None  # square float8_e4m3fn torch._scaled_mm, tensor-wise scales (GPUs)
 
@@ -96,16 +97,23 @@ class Ceilings:
 
 
 def measure_ceilings(device: torch.device | str, *, quick: bool = False) -> Ceilings:
-    """Copy bandwidth and bf16 matmul rate of ``device``, best of several repeats."""
+    """Copy bandwidth and matmul rate of ``device``, best of several repeats.
+
+    The matmul is bf16, except on a CPU that has no native bf16 matmul: there a
+    bf16 matmul is a scalar loop (minutes at this size) and dsinfra's CPU paths
+    multiply in float32, so float32 is the rate they can reach."""
+    from dsinfra.backend import native_cpu_matmul
+
     device = torch.device(device)
     gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if device.type != "cpu" or native_cpu_matmul(torch.bfloat16) else torch.float32
     copy_bytes = (32 if quick else 1024 if gpu else 256) * 2**20
     src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     copy = time_callable(lambda: dst.copy_(src), device, repeats=5 if quick else 20)
     n = (1024 if quick else 8192) if gpu else (512 if quick else 2048)
-    a = torch.randn(n, n, device=device).to(torch.bfloat16)
-    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     matmul = time_callable(lambda: torch.matmul(a, b), device, repeats=5 if quick else 20)
     read = time_callable(lambda: src.sum(), device, repeats=5 if quick else 20)
     return Ceilings(
@@ -113,6 +121,7 @@ def measure_ceilings(device: torch.device | str, *, quick: bool = False) -> Ceil
         matmul_flops_per_s=2 * n**3 / matmul.min,
         copy_bytes=copy_bytes,
         matmul_size=n,
+        matmul_dtype=str(dtype).removeprefix("torch."),
         read_bytes_per_s=copy_bytes / read.min,
         fp8_matmul_flops_per_s=fp8_matmul_rate(a, b, repeats=5 if quick else 20) if gpu else None,
     )
@@ -148,7 +157,7 @@ class Result:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # component-specific figures
     flops_per_s: float | None = None
     bytes_per_s: float | None = None
-    matmul_fraction: float | None = None  # flops_per_s / measured bf16 matmul rate
+    matmul_fraction: float | None = None  # flops_per_s / measured matmul rate (Ceilings.matmul_dtype)
     copy_fraction: float | None = None  # bytes_per_s / measured copy bandwidth
     speedup: float | None = None  # baseline_time_s / time_s
 

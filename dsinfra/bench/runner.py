@@ -49,10 +49,7 @@ def run_benchmarks(
         raise ValueError(f"unknown benchmark {', '.join(unknown)}; registered: {', '.join(modules)}")
     log(f"measuring the ceilings of {device} ...")
     ceilings = harness.measure_ceilings(device, quick=quick)
-    log(
-        f"ceilings: copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s, "
-        f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s"
-    )
+    log(describe_ceilings(ceilings.as_dict()))
     results = []
     for name in names:
         log(f"\n== {name}: {description(modules[name])}")
@@ -70,6 +67,14 @@ def run_benchmarks(
         "ceilings": ceilings.as_dict(),
         "results": [dataclasses.asdict(result) for result in results],
     }
+
+
+def describe_ceilings(ceilings: dict[str, Any]) -> str:
+    """One line: the copy bandwidth and the matmul rate, naming the matmul's dtype
+    (reports written before the dtype was recorded measured bf16)."""
+    dtype = {"bfloat16": "bf16", "float32": "float32"}.get(ceilings.get("matmul_dtype", "bfloat16"), ceilings.get("matmul_dtype"))
+    return (f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+            f"{dtype} matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
 
 
 REPORT_FIELDS = {"date": str, "device": str, "machine": dict, "versions": dict, "ceilings": dict, "results": list}

@@ -21,6 +21,26 @@ def test_ceilings_are_measured():
     assert ceilings.matmul_size == 512
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_ceiling_matmul_is_float32_on_a_cpu_without_native_bf16(monkeypatch, native):
+    """A bf16 matmul without native support is a scalar loop (minutes at 2048): the
+    ceiling is then the float32 rate, the dtype the CPU paths multiply in, and says so."""
+    monkeypatch.setattr("dsinfra.backend.native_cpu_matmul", lambda dtype: native)
+    multiplied = []
+    real_matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: multiplied.append(a.dtype) or real_matmul(a, b))
+    ceilings = measure_ceilings("cpu", quick=True)
+    expected = torch.bfloat16 if native else torch.float32
+    assert set(multiplied) == {expected} and ceilings.matmul_dtype == str(expected).removeprefix("torch.")
+    line = runner.describe_ceilings(ceilings.as_dict())
+    assert ("bf16 matmul" if native else "float32 matmul") in line
+
+
+def test_reports_without_a_matmul_dtype_measured_bf16():
+    line = runner.describe_ceilings({"copy_bytes_per_s": 2e10, "matmul_flops_per_s": 1e12})
+    assert line == "ceilings: copy 20.0 GB/s, bf16 matmul 1 TFLOP/s"
+
+
 def test_result_ratios():
     ceilings = Ceilings(copy_bytes_per_s=100e9, matmul_flops_per_s=1e12, copy_bytes=1, matmul_size=1)
     result = Result("c", "case", time_s=0.01, min_time_s=0.008, flops=5e9, bytes=2e8, baseline="naive", baseline_time_s=0.05)
