@@ -9,8 +9,10 @@ resolves to dsinfra's module (see :mod:`dsinfra.alias`).
 The script runs as ``python script.py`` would run it (``__name__ ==
 "__main__"``, ``sys.argv``, its directory first on ``sys.path``), and so do
 the Python processes it starts (``torch.multiprocessing.spawn`` workers,
-subprocesses): they find the aliases through a ``sitecustomize`` module put
-first on their ``PYTHONPATH``, which then runs any ``sitecustomize`` it hides.
+subprocesses): they find the aliases through the ``sitecustomize`` module of
+``dsinfra/alias_site``, put first on their ``PYTHONPATH``, which then runs any
+``sitecustomize`` it hides. Nothing is written to disk, so a killed run leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -21,16 +23,11 @@ import importlib.util
 import os
 import runpy
 import sys
-import tempfile
 
 import dsinfra
 
-# The sitecustomize module every process started under ``run`` imports first.
-SITECUSTOMIZE = """\
-import dsinfra.alias
-from dsinfra.run_aliased import run_hidden_sitecustomize
-run_hidden_sitecustomize(__file__)
-"""
+# The directory of the sitecustomize module every process started under ``run`` imports first.
+ALIAS_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alias_site")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,24 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="dsinfra-alias-") as site:
-        with open(os.path.join(site, "sitecustomize.py"), "w") as file:
-            file.write(SITECUSTOMIZE)
-        dsinfra_root = os.path.dirname(os.path.dirname(os.path.abspath(dsinfra.__file__)))
-        paths = [site, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), dsinfra_root]
-        os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-        if args.override:
-            os.environ["DSINFRA_ALIAS_OVERRIDE"] = "1"
-        from dsinfra import alias
+    dsinfra_root = os.path.dirname(os.path.dirname(os.path.abspath(dsinfra.__file__)))
+    paths = [ALIAS_SITE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), dsinfra_root]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    if args.override:
+        os.environ["DSINFRA_ALIAS_OVERRIDE"] = "1"
+    from dsinfra import alias
 
-        alias.install()
-        sys.argv = [args.target, *args.args]
-        if args.as_module:
-            sys.path[0] = os.getcwd()
-            runpy.run_module(args.target, run_name="__main__", alter_sys=True)
-        else:
-            sys.path[0] = os.path.dirname(os.path.abspath(args.target))
-            runpy.run_path(args.target, run_name="__main__")
+    alias.install()
+    sys.argv = [args.target, *args.args]
+    if args.as_module:
+        sys.path[0] = os.getcwd()
+        runpy.run_module(args.target, run_name="__main__", alter_sys=True)
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(args.target))
+        runpy.run_path(args.target, run_name="__main__")
     return 0
 
 

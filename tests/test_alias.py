@@ -129,6 +129,11 @@ def test_run_a_module(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DSINFRA_ALIAS_OVERRIDE", raising=False)
     try:
         assert cli.main(["run", "-m", "as_module", "-q"]) == 0
+        # The processes it starts import the sitecustomize shipped in the package: nothing
+        # written to disk, so nothing left behind by a run that is killed.
+        site = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+        assert site == os.path.join(os.path.dirname(dsinfra.__file__), "alias_site")
+        assert os.path.isfile(os.path.join(site, "sitecustomize.py"))
     finally:
         from dsinfra import alias
 
