@@ -26,3 +26,15 @@ def test_fp8_casts_against_the_one_pass_formulas():
     ]
     for result in results:
         assert result.baseline == "one pass" and result.speedup > 0 and result.bytes > 0
+
+
+def test_models_generate_the_same_tokens_as_transformers():
+    results = quick_run("models")
+    assert [r.case for r in results] == [
+        "deepseek_v2 batch 1", "deepseek_v2 batch 8", "deepseek_v3 batch 1", "deepseek_v3 batch 8",
+        "deepseek_v32 batch 1", "deepseek_v32 batch 8", "deepseek_v3 batch 8, 16 heads of DeepSeek's MLA widths",
+    ]
+    for result in results:
+        assert result.baseline == "transformers generate" and result.speedup > 0
+        batch = result.params["batch"]
+        assert result.extra["identical"] == f"{batch}/{batch}", result.case
