@@ -74,7 +74,7 @@ CASES: list[Case] = [
     Case("DeepEP", "77bb07a", "tests/test_intranode.py", FEB),
     Case("DeepEP", "77bb07a", "tests/test_low_latency.py", FEB),
     Case("DeepEP", "77bb07a", "tests/test_internode.py", FEB, label="2 nodes x 8 ranks", nodes=2, timeout=7200.0),
-    Case("DeepEP", "dd758ca", "tests/legacy/test_intranode.py", MAIN),
+    Case("DeepEP", "dd758ca", "tests/legacy/test_intranode.py", MAIN, ("--num-tokens", "1024"), label="1024 tokens"),
     Case("DeepEP", "dd758ca", "tests/legacy/test_low_latency.py", MAIN),
     Case(
         "DeepEP", "dd758ca", "tests/legacy/test_internode.py", MAIN, ("--num-tokens", "512"),
