@@ -11,8 +11,9 @@ that reports cases through the :class:`BenchContext` it is given::
                         flops=2 * m * n * k, bytes=a.nbytes + b.nbytes, params={"m": m})
 
 Every figure is measured in the same run: the machine's ceilings (copy
-bandwidth, matmul rate: bf16, or float32 on a CPU without native bf16) on the chosen device first, then each case and its
-naive baseline, so the ratios compare like with like.
+bandwidth, matmul rate: bf16, or float32 on a CPU without native bf16) on the
+chosen device first, then each case and its naive baseline, so the ratios
+compare like with like.
 
 Importing a benchmark module must stay cheap (the runner imports them all to
 list them): import the component inside ``benchmark``.

@@ -72,9 +72,9 @@ def run_benchmarks(
 def describe_ceilings(ceilings: dict[str, Any]) -> str:
     """One line: the copy bandwidth and the matmul rate, naming the matmul's dtype
     (reports written before the dtype was recorded measured bf16)."""
-    dtype = {"bfloat16": "bf16", "float32": "float32"}.get(ceilings.get("matmul_dtype", "bfloat16"), ceilings.get("matmul_dtype"))
+    dtype = ceilings.get("matmul_dtype", "bfloat16")
     return (f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-            f"{dtype} matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
+            f"{'bf16' if dtype == 'bfloat16' else dtype} matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
 
 
 REPORT_FIELDS = {"date": str, "device": str, "machine": dict, "versions": dict, "ceilings": dict, "results": list}
