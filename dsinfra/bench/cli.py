@@ -75,7 +75,6 @@ def _print_report(path: str, components: list[str], markdown: bool) -> int:
         raise CommandError(f"--report {path}: {error.strerror}") from None
     except ValueError as error:
         raise CommandError(f"--report {path}: not a report written by bench --json ({error})") from None
-    ceilings = report["ceilings"]
     print(f"{report['date']}, {report['device']}: {report['machine']['cpu']}; torch {report['versions']['torch']}")
     print(runner.describe_ceilings(report["ceilings"]))
     for name in dict.fromkeys(r.component for r in results):
