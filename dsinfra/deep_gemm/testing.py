@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsinfra.testing import calc_diff
+from dsinfra.testing import calc_diff, count_bytes
 
 __all__ = [
     "assert_bitwise_equal",
@@ -31,17 +31,6 @@ __all__ = [
 ]
 
 CPU_ARCH_MAJOR = 9  # off a GPU, dsinfra takes DeepGEMM's SM90 (Hopper) choices
-
-
-def count_bytes(*tensors) -> int:
-    """Bytes held by the tensors given (nested tuples and lists included, None skipped)."""
-    total = 0
-    for t in tensors:
-        if isinstance(t, (tuple, list)):
-            total += count_bytes(*t)
-        elif t is not None:
-            total += t.numel() * t.element_size()
-    return total
 
 
 def assert_bitwise_equal(x: torch.Tensor, y: torch.Tensor, label: str = "") -> None:

@@ -19,3 +19,14 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     if denominator == 0:
         return 0.0
     return float(1 - 2 * (x * y).sum() / denominator)
+
+
+def count_bytes(*tensors) -> int:
+    """Bytes held by the tensors given (nested tuples and lists included, None skipped)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, (tuple, list)):
+            total += count_bytes(*t)
+        elif t is not None:
+            total += t.numel() * t.element_size()
+    return total
