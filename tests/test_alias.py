@@ -30,17 +30,20 @@ def alias():
 
 def test_names_are_dsinfras_modules(alias):
     import deep_ep
+    import deep_ep.utils.envs
     import deep_gemm.utils
     import dualpipe.comm
     import eplb
     import flash_mla
     from dualpipe import DualPipe, set_p2p_tensor_shapes
 
+    import dsinfra.deep_ep.utils.envs
     import dsinfra.deep_gemm.utils
     import dsinfra.dualpipe
 
     assert flash_mla is dsinfra.flash_mla and deep_ep is dsinfra.deep_ep and eplb is dsinfra.eplb
     assert deep_gemm.utils is dsinfra.deep_gemm.utils and deep_gemm.utils.ceil_div(5, 2) == 3
+    assert deep_ep.utils.envs is dsinfra.deep_ep.utils.envs  # DeepEP's tests import their helpers from the package
     assert DualPipe is dsinfra.dualpipe.DualPipe and dualpipe.comm is sys.modules["dualpipe.comm"] is dsinfra.dualpipe.comm
     assert set_p2p_tensor_shapes is dsinfra.dualpipe.set_p2p_tensor_shapes
     # dsinfra's modules keep their own names and specs

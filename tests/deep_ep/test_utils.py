@@ -7,9 +7,8 @@ import random
 import pytest
 import torch
 
-import dsinfra.alias  # noqa: F401  (deep_ep.utils as DeepEP's tests import it)
-from deep_ep.utils import envs, math, testing
 from dsinfra.conformance.runner import free_port
+from dsinfra.deep_ep.utils import envs, math, testing
 from dsinfra.deep_gemm.ue8m0 import ceil_to_ue8m0, pack_ue8m0_to_int
 
 
