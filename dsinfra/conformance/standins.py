@@ -100,12 +100,14 @@ def bench_seconds(fn: Callable[[], object], *args, **kwargs) -> float:
     return _seconds(fn)
 
 
-def bench_kineto(fn: Callable[[], object], kernel_names, *args, **kwargs):
+def bench_kineto(fn: Callable[[], object], kernel_names, *args, num_kernels_per_period: int = 1, **kwargs):
     """For DeepGEMM's and DeepEP's ``bench_kineto``: seconds per run of each
-    named kernel (a tuple of names gets a tuple). The wall clock cannot tell
-    kernels apart: each gets the whole run's time."""
-    seconds = _seconds(fn)
-    return tuple(seconds for _ in kernel_names) if isinstance(kernel_names, tuple) else seconds
+    named kernel, shaped as DeepEP's are (see
+    :func:`dsinfra.deep_ep.utils.testing.kernel_times`). The wall clock cannot
+    tell kernels apart: each gets the whole run's time."""
+    from dsinfra.deep_ep.utils.testing import kernel_times
+
+    return kernel_times(_seconds(fn), kernel_names, num_kernels_per_period)
 
 
 class WallClockProfile:

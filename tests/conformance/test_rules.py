@@ -111,6 +111,8 @@ def test_timers_keep_the_shapes_of_what_they_replace():
     assert isinstance(standins.do_bench(run), float)
     assert len(standins.bench(run, 20, 30, post_fn=run)) == 3
     assert isinstance(standins.bench_kineto(run, "gemm"), float) and len(standins.bench_kineto(run, ("a", "b"))) == 2
+    dispatch_t, combine_t = standins.bench_kineto(run, ("dispatch", "combine"), barrier_comm_profiling=True, num_kernels_per_period=2)
+    assert len(dispatch_t) == len(combine_t) == 2  # DeepEP reads the send and receive halves
     profile = standins.kernelkit_bench_kineto(run, 10)
     assert profile.get_kernel_time("k") == profile.get_e2e_time("a", "b") and len(profile.get_kernel_times(["a", "b"])) == 2
     assert isinstance(standins.bench_by_events(run, 1, 1), float) and len(standins.bench_by_events([run, run], 1, 1)) == 2
@@ -118,7 +120,7 @@ def test_timers_keep_the_shapes_of_what_they_replace():
     start.record()
     end.record()
     assert start.elapsed_time(end) >= 0
-    assert len(calls) == 9  # each timer ran each function once (and bench its post_fn)
+    assert len(calls) == 10  # each timer ran each function once (and bench its post_fn)
     assert standins.hopper_capability() == (9, 0)
 
 

@@ -79,6 +79,10 @@ def test_timers_return_deepeps_shapes():
     assert 0 <= low <= mean <= high
     assert len(testing.bench_kineto(lambda: None, ("dispatch", "combine"), num_tests=3)) == 2
     assert testing.bench_kineto(lambda: None, "dispatch", num_tests=3) >= 0
+    # a send and a receive half per call: a list of two parts per kernel, as DeepEP's test reads them
+    dispatch_t, combine_t = testing.kernel_times(0.5, ("dispatch", "combine"), num_kernels_per_period=2)
+    assert dispatch_t == combine_t == [0.25, 0.25]
+    assert len(testing.bench_kineto(lambda: None, ("dispatch",), num_tests=2, num_kernels_per_period=2)[0]) == 2
 
 
 def _rank(local_rank, num_local_ranks, port, queue):

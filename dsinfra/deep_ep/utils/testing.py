@@ -49,8 +49,21 @@ def bench(fn: Callable[[], object], num_warmups: int = 50, num_tests: int = 50,
     return statistics.fmean(samples), min(samples), max(samples)
 
 
-def bench_kineto(fn: Callable[[], object], kernel_names: str | tuple[str, ...], num_tests: int = 30, **_ignored) -> float | tuple:
-    """Seconds per call of ``fn`` (the mean over ``num_tests`` after one warm-up call),
-    given once per name in ``kernel_names`` (a tuple for a tuple)."""
+def bench_kineto(
+    fn: Callable[[], object], kernel_names: str | tuple[str, ...], num_tests: int = 30,
+    *, num_kernels_per_period: int = 1, **_ignored,
+) -> float | list | tuple:
+    """Seconds per call of ``fn`` (the mean over ``num_tests`` after one warm-up
+    call) for each name in ``kernel_names``, shaped as :func:`kernel_times` says."""
     seconds = bench(fn, num_warmups=1, num_tests=num_tests, flush_l2=False)[0]
-    return tuple(seconds for _ in kernel_names) if isinstance(kernel_names, tuple) else seconds
+    return kernel_times(seconds, kernel_names, num_kernels_per_period)
+
+
+def kernel_times(seconds: float, kernel_names: str | tuple[str, ...], num_kernels_per_period: int = 1):
+    """A whole call's ``seconds`` shaped as DeepEP's ``bench_kineto`` returns kernel
+    times: one value per name (a tuple for a tuple of names, else the value); with
+    ``num_kernels_per_period`` above 1 (a call that launches each kernel that many
+    times, as a send and a receive half), each value is a list of that many equal
+    parts, since the wall clock cannot tell the launches apart."""
+    each = seconds if num_kernels_per_period <= 1 else [seconds / num_kernels_per_period] * num_kernels_per_period
+    return tuple(each for _ in kernel_names) if isinstance(kernel_names, tuple) else each
