@@ -156,7 +156,9 @@ def patch(stand_ins: Mapping[str, str]) -> None:
             continue
         stand_in = here[name]
         if isinstance(stand_in, types.FunctionType):
-            stand_in = types.FunctionType(stand_in.__code__, stand_in.__globals__, stand_in.__name__, stand_in.__defaults__)
+            original = stand_in
+            stand_in = types.FunctionType(original.__code__, original.__globals__, original.__name__, original.__defaults__)
+            stand_in.__kwdefaults__ = original.__kwdefaults__  # keyword-only defaults are not copied with the code
         setattr(owner, target.rpartition(".")[2], stand_in)
 
 

@@ -97,8 +97,9 @@ def test_patch_replaces_names_and_skips_missing_modules(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_helpers", helper)
     standins.patch({
         "fake_helpers.inner.bench": "bench", "fake_helpers.sync": "no_op", "fake_helpers.seed": "no_op",
-        "fake_helpers.Event": "WallClockEvent", "no_such_module.timer": "do_bench",
+        "fake_helpers.Event": "WallClockEvent", "no_such_module.timer": "do_bench", "fake_helpers.kineto": "bench_kineto",
     })
+    assert helper.kineto(lambda: None, "dispatch") >= 0  # keyword-only defaults kept by the copy
     assert helper.inner.bench.__code__ is standins.bench.__code__ and helper.inner.bench(lambda: None)[0] >= 0
     assert helper.sync.__code__ is helper.seed.__code__ is standins.no_op.__code__
     assert helper.sync is not helper.seed  # one function object per patched name (torch's compiler insists)
