@@ -115,7 +115,8 @@ class Buffer:
             rank of its group.
         comm: an mpi4py communicator in place of ``group``; refused.
         num_ranks_per_node: ranks of the group per node (default: from
-            ``LOCAL_WORLD_SIZE``, else the whole group is one node).
+            ``LOCAL_WORLD_SIZE``, else 8 in a group of more than 8 ranks that 8
+            divides, as upstream's NVLink domains, else the whole group).
         """
         if comm is not None:
             raise ValueError("comm (an mpi4py communicator) is not supported; pass a torch.distributed ProcessGroup as group")

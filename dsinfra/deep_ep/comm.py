@@ -6,7 +6,10 @@ The group's ranks are laid out node-major: ``num_ranks_per_node`` consecutive
 ranks share a node (upstream: the ranks of one NVLink domain). Ranks per node
 come from the constructor argument, else from ``LOCAL_WORLD_SIZE`` (set by
 ``torchrun``; it counts the world's ranks per node, so the group's members are
-placed by their global ranks), else the whole group is one node.
+placed by their global ranks), else from upstream's own rule: a group of more
+than 8 ranks (a multiple of 8) sits 8 to a node, as many as upstream's NVLink
+domains hold (its tests start 8 ranks on each node themselves, without
+torchrun); a smaller group is one node.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dsinfra.validation import check_positive
+
+NVL_PEERS = 8  # upstream's NUM_MAX_NVL_PEERS: the ranks of one NVLink domain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +60,8 @@ def group_topology(group: dist.ProcessGroup, num_ranks_per_node: int | None) -> 
         return Topology(rank, num_ranks, num_ranks_per_node)
     nodes = member_nodes(group)
     if nodes is None:
-        return Topology(rank, num_ranks, num_ranks)
+        per_node = NVL_PEERS if num_ranks > NVL_PEERS and num_ranks % NVL_PEERS == 0 else num_ranks
+        return Topology(rank, num_ranks, per_node)
     per_node = node_major_ranks_per_node(nodes)
     if per_node is None:
         raise ValueError(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsinfra.deep_ep import Config, EventHandle, EventOverlap, Traffic, threads
-from dsinfra.deep_ep.comm import Topology
+from dsinfra.deep_ep.comm import Topology, group_topology
 from dsinfra.deep_ep.low_latency import size_hint
 from dsinfra.deep_ep.normal import send_order, true_positions
 from dsinfra.deep_ep.rows import RowFormat
@@ -81,6 +81,20 @@ def test_topology_and_traffic():
     assert (traffic.intranode_bytes, traffic.internode_bytes) == (700, 300)
     traffic.reset()
     assert (traffic.intranode_bytes, traffic.internode_bytes) == (0, 0)
+
+
+class FakeGroup:
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = (lambda: rank), (lambda: size)
+
+
+@pytest.mark.parametrize("size, per_node", [(4, 4), (8, 8), (16, 8), (24, 8), (12, 12)])
+def test_without_local_world_size_nodes_follow_upstreams_nvlink_domains(monkeypatch, size, per_node):
+    """Upstream's tests start 8 ranks on each node themselves (no torchrun): a group of
+    more than 8 ranks that 8 divides sits 8 to a node, a smaller one on one node."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert group_topology(FakeGroup(3, size), None).num_ranks_per_node == per_node
+    assert group_topology(FakeGroup(3, size), size).num_ranks_per_node == size  # the argument decides
 
 
 def test_config_hints():
