@@ -104,7 +104,8 @@ def bench_kineto(fn: Callable[[], object], kernel_names, *args, num_kernels_per_
     """For DeepGEMM's and DeepEP's ``bench_kineto``: seconds per run of each
     named kernel, shaped as DeepEP's are (see
     :func:`dsinfra.deep_ep.utils.testing.kernel_times`). The wall clock cannot
-    tell kernels apart: each gets the whole run's time."""
+    tell kernels apart: each gets the whole run's time (in equal parts when a
+    run launches it ``num_kernels_per_period`` times)."""
     from dsinfra.deep_ep.utils.testing import kernel_times
 
     return kernel_times(_seconds(fn), kernel_names, num_kernels_per_period)
