@@ -103,10 +103,10 @@ def bench_seconds(fn: Callable[[], object], *args, **kwargs) -> float:
 def bench_kineto(fn: Callable[[], object], kernel_names, *args, num_kernels_per_period: int = 1, **kwargs):
     """For DeepGEMM's and DeepEP's ``bench_kineto``: seconds per run of each
     named kernel, shaped as DeepEP's are (see
-    :func:`dsinfra.deep_ep.utils.testing.kernel_times`). The wall clock cannot
+    :func:`dsinfra.testing.timing.kernel_times`). The wall clock cannot
     tell kernels apart: each gets the whole run's time (in equal parts when a
     run launches it ``num_kernels_per_period`` times)."""
-    from dsinfra.deep_ep.utils.testing import kernel_times
+    from dsinfra.testing.timing import kernel_times
 
     return kernel_times(_seconds(fn), kernel_names, num_kernels_per_period)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from dsinfra.testing import calc_diff, count_bytes
+from dsinfra.testing.timing import kernel_times, synchronize
 
 __all__ = [
     "assert_bitwise_equal",
@@ -89,21 +90,16 @@ def ignore_env(name: str, condition: Callable[[], bool]):
     return decorator
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bench(fn: Callable[[], object], num_warmups: int = 5, num_tests: int = 10, high_precision: bool = False) -> float:
     """Seconds per call of ``fn``: the wall-clock mean of ``num_tests`` calls after
     ``num_warmups`` (``high_precision`` is accepted and has no effect)."""
     for _ in range(num_warmups):
         fn()
-    _synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(num_tests):
         fn()
-    _synchronize()
+    synchronize()
     return (time.perf_counter() - start) / max(num_tests, 1)
 
 
@@ -112,5 +108,4 @@ def bench_kineto(fn: Callable[[], object], kernel_names: str | tuple[str, ...], 
     (after one warm-up call), given once per name in ``kernel_names`` (a tuple for a
     tuple). Profiler options (``suppress_kineto_output``, ``trace_path``,
     ``flush_l2``, ``barrier``, ...) are accepted and ignored."""
-    seconds = bench(fn, num_warmups=1, num_tests=num_tests)
-    return tuple(seconds for _ in kernel_names) if isinstance(kernel_names, tuple) else seconds
+    return kernel_times(bench(fn, num_warmups=1, num_tests=num_tests), kernel_names)

@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 import torch
 
+from dsinfra.testing.timing import kernel_times, synchronize
+
+__all__ = ["bench", "bench_kineto", "flush_l2_cache", "kernel_times"]
+
 L2_FLUSH_BYTES = 256 * 10**6
 
 
@@ -21,11 +25,6 @@ def flush_l2_cache(enabled: bool = True) -> None:
     """With a GPU, overwrite 256 MB so the next call starts with a cold L2 cache; nothing on a CPU."""
     if enabled and torch.cuda.is_available():
         torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda").zero_()
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def bench(fn: Callable[[], object], num_warmups: int = 50, num_tests: int = 50,
@@ -38,10 +37,10 @@ def bench(fn: Callable[[], object], num_warmups: int = 50, num_tests: int = 50,
     samples = []
     for _ in range(max(num_tests, 2)):
         flush_l2_cache(flush_l2)
-        _synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        _synchronize()
+        synchronize()
         samples.append(time.perf_counter() - start)
         if post_fn is not None:
             post_fn()
@@ -58,12 +57,3 @@ def bench_kineto(
     seconds = bench(fn, num_warmups=1, num_tests=num_tests, flush_l2=False)[0]
     return kernel_times(seconds, kernel_names, num_kernels_per_period)
 
-
-def kernel_times(seconds: float, kernel_names: str | tuple[str, ...], num_kernels_per_period: int = 1):
-    """A whole call's ``seconds`` shaped as DeepEP's ``bench_kineto`` returns kernel
-    times: one value per name (a tuple for a tuple of names, else the value); with
-    ``num_kernels_per_period`` above 1 (a call that launches each kernel that many
-    times, as a send and a receive half), each value is a list of that many equal
-    parts, since the wall clock cannot tell the launches apart."""
-    each = seconds if num_kernels_per_period <= 1 else [seconds / num_kernels_per_period] * num_kernels_per_period
-    return tuple(each for _ in kernel_names) if isinstance(kernel_names, tuple) else each
