@@ -231,13 +231,14 @@ def split_config(target: Target, rows_per_head_k: int, fp8: bool) -> dict[str, i
 
     - sm_90 with 64 or more query rows per KV head: 64 rows on 8 warps (two
       warpgroups; wgmma needs 64 rows), 16 tokens a tile (the [64, 512] float32
-      accumulator leaves no registers for more), 2 stages of async copies;
+      accumulator leaves no registers for more), 2 stages of async copies,
+      instructions scheduled to save registers where Triton can;
     - other NVIDIA cases: 16 or 32 rows on 4 or 8 warps, 32 tokens a tile (16 when
       FP8 bytes are decoded in registers, 64 values a thread either way), 2 stages;
     - AMD: 16 rows on 4 warps (of 64 lanes), 32 (FP8: 16) tokens.
     """
     if target.wgmma and rows_per_head_k >= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, **target.register_scheduling}
     block_m = 16 if rows_per_head_k <= 16 or target.backend == "hip" else 32
     block_n = 16 if fp8 and block_m == 16 else 32
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": block_m // 4, "num_stages": 2}
