@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsinfra.models.checkpoint_config import CheckpointConfig
+from dsinfra.models.expanded_attention import expanded_attention
 from dsinfra.models.rope import Rotary, rotate
 from dsinfra.models.token_batch import TokenBatch
 
@@ -74,12 +75,9 @@ class LatentAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(-1, c.num_attention_heads, -1)], dim=-1)
         out = torch.empty(*q.shape[:-1], c.v_head_dim, dtype=q.dtype, device=q.device)
         for i, rows in enumerate(batch.sequences()):
-            qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # [heads, length, dim]
-            if selected is None:
-                attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=c.softmax_scale)
-            else:
-                attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=selected[i], scale=c.softmax_scale)
-            out[rows] = attended.transpose(0, 1)
+            qs, ks, vs = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, length, dim]
+            mask = None if selected is None else selected[i]
+            out[rows] = expanded_attention(qs, ks, vs, c.softmax_scale, mask)[0].transpose(0, 1)
         return out
 
     def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,10 @@ stores only these ``kv_lora_rank + qk_rope_head_dim`` values per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsinfra.models.config import ModelArgs
+from dsinfra.models.expanded_attention import expanded_attention
 from dsinfra.models.kv_cache import PagedKVCache
 from dsinfra.models.layers import RMSNorm, apply_rotary, plain_linear
 
@@ -63,9 +63,7 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(latent).unflatten(-1, (a.n_heads, -1)).split([a.qk_nope_head_dim, a.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(-1, -1, a.n_heads, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=a.softmax_scale
-        )
+        out = expanded_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a.softmax_scale)
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ def test_bf16_logits_near_transformers(checkpoint):
     model = load_pretrained(path)
     assert model.dtype == torch.bfloat16
     # bf16 rounds each of the ~20 operations per layer to 2^-9 relative, in a
-    # different order on each side: ~1% relative error, calc_diff ~1e-4 (measured 1.1e-4)
+    # different order on each side: ~1% relative error, calc_diff ~1e-4 (measured 1.4e-4)
     assert calc_diff(model(INPUT_IDS), expected) < 1e-3
 
 
