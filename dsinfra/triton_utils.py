@@ -88,17 +88,6 @@ class Target:
         """Whether dots of 64 or more rows run on Hopper's warpgroup MMA."""
         return self.backend == "cuda" and self.arch == 90
 
-    @property
-    def register_scheduling(self) -> dict[str, bool]:
-        """Launch options that make the compiler schedule instructions to save
-        registers (Triton's ``sched4reg``, NVIDIA, Triton 3.9 and newer), for kernels
-        that otherwise spill; empty where the installed Triton has no such option."""
-        if self.backend != "cuda":
-            return {}
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return {"sched4reg": True} if "sched4reg" in CUDAOptions.__dataclass_fields__ else {}
-
     def gpu_target(self):
         """Triton's ``GPUTarget`` for this target."""
         from triton.backends.compiler import GPUTarget

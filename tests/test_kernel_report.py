@@ -15,7 +15,6 @@ import sys
 from collections import Counter
 
 import pytest
-import triton
 
 from dsinfra import cli, kernel_report
 from dsinfra.aot import Binary
@@ -25,22 +24,15 @@ pytest.importorskip("triton.backends.nvidia")
 pytest.importorskip("triton.backends.amd")
 
 
-def known_spill(row) -> bool:
-    """FP8-cache MLA at 64+ rows on sm_90 spills under Triton 3.7 and newer
-    (docs/flash_mla.md, Limits); Triton 3.6 compiles it without."""
-    newer = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7)
-    return newer and row["target"] == "sm90" and "cache=fp8" in row["config"] and row["problems"] == [f"spills {row['spill_bytes']} B"]
-
-
 def run_report(tmp_path, *arguments) -> list[dict]:
     out = tmp_path / "kernels.json"
     code = cli.main(["kernels", "--representative", "--jobs", "2", "--json", str(out), *arguments])
     rows = json.loads(out.read_text())["rows"]
-    assert code == (1 if any(row["problems"] for row in rows) else 0)
+    assert code == 0
     for row in rows:
         assert set(kernel_report.ROW_FIELDS) <= set(row)
         assert row["compiled"] and row["error"] is None and row["registers"] > 0, row
-        assert not row["problems"] or known_spill(row), row
+        assert not row["problems"], row
     return rows
 
 

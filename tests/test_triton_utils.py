@@ -30,13 +30,3 @@ def test_dot_is_exact_for_low_precision_operands(kernel_device, dtype):
     _matmul[(1,)](a.to(kernel_device), b.to(kernel_device), c, 16, 16, 32)
     expected = a.float() @ b.float()
     torch.testing.assert_close(c.cpu(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_register_scheduling_only_where_the_compiler_has_it():
-    from triton.backends.nvidia.compiler import CUDAOptions
-
-    from dsinfra.triton_utils import TARGETS
-
-    has_option = "sched4reg" in CUDAOptions.__dataclass_fields__
-    assert TARGETS["sm90"].register_scheduling == ({"sched4reg": True} if has_option else {})
-    assert TARGETS["gfx942"].register_scheduling == {}

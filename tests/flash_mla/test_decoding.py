@@ -148,6 +148,17 @@ def test_triton_fp8_and_sparse(backend_triton):
     check_against_reference(inputs, indices=indices, fp8=True)
 
 
+def test_triton_wgmma_tiles(backend_triton):
+    """64 query rows per KV head: sm_90's 64-row tiles, whose loop keeps its
+    invariants inside it; dense (lengths of 1 and not a multiple of the tile),
+    FP8 and causal, and sparse with -1 indices."""
+    inputs = moved(paged_inputs([37, 1], num_heads_q=32, seq_len_q=2), backend_triton)
+    check_against_reference(inputs, fp8=True, causal=True, parts=3)
+    check_against_reference(inputs, parts=2)
+    wide = moved(paged_inputs([50, 9], num_heads_q=64), backend_triton)
+    check_against_reference(wide, indices=sparse_indices(wide, 1, 24).to(backend_triton), fp8=True)
+
+
 @pytest.mark.parametrize("target", ["sm80", "gfx942"])
 def test_triton_each_targets_configuration(backend_triton, target):
     """The tiles sm_80 and gfx942 launch with (the interpreter otherwise runs sm_90's):
