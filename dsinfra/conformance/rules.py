@@ -165,8 +165,15 @@ RULES: list[Rule] = [
     Replace(
         "deep-gemm-dense-tokens", "size: 1024 rows (tokens) instead of 4096 in the largest dense GEMMs (each takes "
         "minutes on a CPU); N, K and the tolerance stay upstream's",
-        ("DeepGEMM@fbec9e5:tests/test_core.py", "DeepGEMM@9da4a23:tests/generators.py"),
+        ("DeepGEMM@fbec9e5:tests/test_core.py", "DeepGEMM@9da4a23:tests/generators.py", "DeepGEMM@54e2261:tests/test_attention.py"),
         pattern=r"for m in \(((?:\d+, )+)4096\):", replacement=r"for m in (\g<1>1024):", required=True,
+    ),
+    Replace(
+        "deep-gemm-dense-token-lists", "size: as deep-gemm-dense-tokens, where the generator lists the rows of its "
+        "forward and backward GEMMs: 1024 instead of 4096 (each GEMM with N=129280 takes minutes on a CPU); N, K and "
+        "the tolerance stay upstream's", ("DeepGEMM@54e2261:tests/generators.py",),
+        pattern=r"m_fwd_list, m_bwd_list = \[((?:\d+, )+)4096\], \[4096, \]",
+        replacement=r"m_fwd_list, m_bwd_list = [\g<1>1024], [1024, ]", required=True,
     ),
     Replace(
         "deep-gemm-grouped-tokens", "size: 1024 and 512 rows per group instead of 8192 and 4096 in the contiguous "
@@ -176,11 +183,45 @@ RULES: list[Rule] = [
         replacement=r"(4, 1024\1, (4, 1024\2, (8, 512\3, (8, 512\4", required=True,
     ),
     Replace(
+        "deep-gemm-grouped-token-lists", "size: as deep-gemm-grouped-tokens, where the generator lists the groups "
+        "and rows once: 1024 and 512 rows per group instead of 8192 and 4096", ("DeepGEMM@54e2261:tests/generators.py",),
+        pattern=r"m_group_list = \[\(4, 8192\), \(8, 4096\)\]", replacement="m_group_list = [(4, 1024), (8, 512)]",
+        required=True,
+    ),
+    Replace(
+        "deep-gemm-k-grouped-tokens", "size: 1024, 512 and 256 tokens per group (the K of each group) instead of "
+        "8192, 4096 and 2048 in the K-grouped GEMMs (weight gradients: 4096 x 7168 outputs over 32768 tokens take "
+        "minutes each on a CPU); still multiples of the 128 alignment, drawn as upstream draws them; groups, M, N "
+        "and the tolerance stay upstream's", ("DeepGEMM@54e2261:tests/generators.py",),
+        pattern=r"\(\( 4, 4096, 7168, 8192\), \( 4, 7168, 2048, 8192\),(.*\n\s*)"
+        r"\( 8, 4096, 7168, 4096\), \( 8, 7168, 2048, 4096\),(.*\n\s*)"
+        r"\(16, 4096, 7168, 2048\), \(16, 7168, 2048, 2048\)\)",
+        replacement=r"(( 4, 4096, 7168, 1024), ( 4, 7168, 2048, 1024),\1( 8, 4096, 7168, 512), ( 8, 7168, 2048, 512),"
+        r"\2(16, 4096, 7168, 256), (16, 7168, 2048, 256))", required=True,
+    ),
+    Replace(
         "deep-gemm-masked-rows", "size: room for 1536 rows per group instead of 4096 in the masked grouped GEMMs; "
         "the masked (used) rows, at most 1.3 x 1024, are upstream's, and so are N, K and the tolerance: the test's "
         "own reference multiplies every room row, in bfloat16, which takes hours on a CPU without bfloat16 arithmetic",
-        ("DeepGEMM@9da4a23:tests/generators.py",),
+        ("DeepGEMM@9da4a23:tests/generators.py", "DeepGEMM@54e2261:tests/generators.py"),
         pattern=r"\bmax_m = 4096\b", replacement="max_m = 1536", required=True,
+    ),
+    Replace(
+        "deep-gemm-mqa-lengths", "size: 256 and 1024 queries over 1024 and 8192 keys instead of 2048 and 8192 over "
+        "8192 and 65536 in the indexer's MQA logits (8192 x 65536 logits of 64 heads are 9 TFLOP a call, and each case "
+        "calls it 21 times); every length divided by 8, so the ratios the context-parallel cases need stay upstream's; "
+        "heads, head dims and tolerances stay upstream's", ("DeepGEMM@54e2261:tests/test_attention.py",),
+        pattern=r"for seq_len in \(2048, 8192\):(\s+)for seq_len_kv in \(8192, 65536\):",
+        replacement=r"for seq_len in (256, 1024):\1for seq_len_kv in (1024, 8192):", required=True,
+    ),
+    Replace(
+        "deep-gemm-paged-mqa-sizes", "size: batches of 16 and 256 instead of 256 and 4096 and mean context lengths of "
+        "512 and 4096 instead of 8192 and 65536 in the paged MQA logits, with the pool of cached tokens divided by "
+        "256 as well, so the same (batch, length) pairs are tested; heads, head dim, block size and tolerances stay "
+        "upstream's", ("DeepGEMM@54e2261:tests/test_attention.py",),
+        pattern=r"(max_kv_pool_tokens = )32 \* 1024 \* 1024((?:.*\n)*?.*)for batch_size in \(256, 4096\):"
+        r"((?:.*\n)*?.*)for avg_kv in \(8192, 65536\):",
+        replacement=r"\g<1>128 * 1024\2for batch_size in (16, 256):\3for avg_kv in (512, 4096):", required=True,
     ),
     Replace(
         "deep-ep-internode-tokens", "size: 512 tokens per rank instead of 4096 on 16 ranks (the hidden size, experts "
