@@ -69,10 +69,9 @@ def check_range(name: str, value: torch.Tensor, low: int, high: int, *, ignore: 
     """
     if value.numel() == 0 or not backend.range_checks_enabled(value.device):
         return
-    considered = value if ignore is None else value[value != ignore]
-    if considered.numel() == 0:
-        return
-    smallest, largest = int(considered.min()), int(considered.max())
+    if ignore is not None:  # ignored entries count as ``low``
+        value = torch.where(value == ignore, low, value)
+    smallest, largest = (int(bound) for bound in torch.aminmax(value))
     if smallest < low or largest >= high:
         allowed = f"[{low}, {high})" + (f" or {ignore}" if ignore is not None else "")
         bad = smallest if smallest < low else largest

@@ -273,7 +273,7 @@ def _check_arguments(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax
         if backend.range_checks_enabled(device):
             blocks_used = (cache_seqlens.long() + page_block_size - 1) // page_block_size
             used = torch.arange(block_table.shape[1], device=device)[None, :] < blocks_used[:, None]
-            check_range("block_table", block_table[used], 0, num_blocks)
+            check_range("block_table", torch.where(used, block_table, 0), 0, num_blocks)  # entries past a sequence: anything
     else:
         _check_indices("indices", indices, q, k_cache)
         if causal:

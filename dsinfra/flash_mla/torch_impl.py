@@ -44,11 +44,17 @@ MAX_PADDING = (0.25, 256)  # a piece joins a wave if that pads it by at most 25 
 PREFILL_CHUNK_BYTES = 8 << 20  # float32 keys and scores per step of the sparse prefill
 
 
-def plan_waves(lengths: list[int], wave_tokens: int) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
+def plan_waves(
+    lengths: list[int], wave_tokens: int, granule: int = 1
+) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
     """Cut sequences into pieces of at most ``wave_tokens`` and group them into waves.
 
+    Pieces start at multiples of ``wave_tokens`` and each wave's padded length
+    is a multiple of ``granule`` (which divides ``wave_tokens``): a paged cache's
+    block size, so that a wave reads whole blocks.
     Returns (waves as (first piece, end piece, padded length), the pieces'
-    sequences, the pieces' first tokens), pieces ordered by wave.
+    sequences, the pieces' first tokens), pieces ordered by wave; with a
+    single wave of one piece per sequence, in the sequences' order.
     """
     pieces = sorted(
         ((min(wave_tokens, length - start), sequence, start)
@@ -59,13 +65,15 @@ def plan_waves(lengths: list[int], wave_tokens: int) -> tuple[list[tuple[int, in
     waves = []
     first = 0
     while first < len(pieces):
-        padded = pieces[first][0]
+        padded = -(-pieces[first][0] // granule) * granule
         end = first + 1
         allowed_padding = max(MAX_PADDING[0] * padded, MAX_PADDING[1])
         while end < len(pieces) and (end - first + 1) * padded <= wave_tokens and padded - pieces[end][0] <= allowed_padding:
             end += 1
         waves.append((first, end, padded))
         first = end
+    if len(waves) == 1 and len(pieces) == len(lengths):
+        pieces.sort(key=lambda piece: piece[1])
     return waves, [piece[1] for piece in pieces], [piece[2] for piece in pieces]
 
 
@@ -103,7 +111,10 @@ def flash_mla_with_kvcache(
     )
     pv_dtype = q.dtype if q.device.type != "cpu" or backend.native_cpu_matmul(q.dtype) else torch.float32
     wave_tokens = max(1, min(MAX_WAVE_TOKENS, WAVE_SCORES // (num_heads_k * rows)))
-    waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens)
+    page_block_size = k_cache.shape[1]
+    granule = page_block_size if indices is None and wave_tokens >= page_block_size else 1
+    waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens // granule * granule, granule)
+    in_order = len(waves) == 1 and len(piece_sequence) == sequences  # piece i is sequence i
     piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)
     piece_start = torch.tensor(piece_start, dtype=torch.long, device=q.device)
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
@@ -119,7 +130,7 @@ def flash_mla_with_kvcache(
         wave, pieces = slice(first, end), (end - first) * num_heads_k
         slot, visible = wave_slots(
             piece_sequence[wave], piece_start[wave], padded, queries_per_sequence,
-            block_table, cache_seqlens, k_cache.shape[1], causal, indices,
+            block_table, cache_seqlens, page_block_size, granule, causal, indices,
         )
         gathered = gather_tokens(
             k_cache, slot.flatten(), head_dim, head_dim_v, is_fp8_kvcache, q.dtype,
@@ -130,14 +141,16 @@ def flash_mla_with_kvcache(
             gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
         keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(pieces, padded, head_dim)
         keys32 = view(keys32_buffer, pieces, padded, head_dim).copy_(keys)
-        wave_queries = queries.index_select(0, piece_sequence[wave]).flatten(0, 1)
+        wave_queries = (queries if in_order else queries.index_select(0, piece_sequence[wave])).flatten(0, 1)
         probs = None if probs_buffer is None else view(probs_buffer, pieces, rows, padded)
         attend(
             wave_queries, keys, keys32, visible, softmax_scale, view(scores_buffer, pieces, rows, padded), probs,
             piece_out[wave].flatten(0, 1), piece_lse[wave].flatten(0, 1),
         )
 
-    if max(lengths) <= wave_tokens:  # one piece per sequence at most: nothing to merge
+    if in_order:
+        out, lse = piece_out[..., :head_dim_v], piece_lse
+    elif max(lengths) <= wave_tokens:  # one piece per sequence at most: nothing to merge
         out = piece_out.new_zeros(sequences, num_heads_k, rows, head_dim_v)
         out.index_copy_(0, piece_sequence, piece_out[..., :head_dim_v])
         lse = piece_lse.new_full((sequences, num_heads_k, rows), float("-inf"))
@@ -155,14 +168,16 @@ def flash_mla_with_kvcache(
 
 def wave_slots(
     sequence: torch.Tensor, start: torch.Tensor, padded: int, queries_per_sequence: int,
-    block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, page_block_size: int,
+    block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, page_block_size: int, granule: int,
     causal: bool, indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache slots of a wave's pieces and which query sees which of them.
 
-    sequence, start: [pieces] int64, each piece's sequence and first token.
-    Returns (slot [pieces, padded] int64, 0 where there is no token;
-    visible [pieces, 1 or queries_per_sequence, padded] bool).
+    sequence, start: [pieces] int64, each piece's sequence and first token;
+    granule: page_block_size when starts and ``padded`` are multiples of it
+    (whole blocks are read), else 1.
+    Returns (slot [pieces, padded] int64, a slot of the cache (0 where the
+    sequence has no block); visible [pieces, 1 or queries_per_sequence, padded] bool).
     """
     position = start[:, None] + torch.arange(padded, device=start.device)  # [pieces, padded]
     if indices is not None:
@@ -172,8 +187,14 @@ def wave_slots(
         return torch.where(valid, slot, 0), valid[:, None, :]
     length = cache_seqlens[sequence].long()[:, None]
     valid = position < length
-    blocks = block_table[sequence[:, None], torch.where(valid, position // page_block_size, 0)]
-    slot = torch.where(valid, blocks.long() * page_block_size + position % page_block_size, 0)
+    if granule > 1:  # whole blocks: a block table entry per page_block_size slots
+        block_position = position[:, ::granule]
+        blocks = block_table[sequence[:, None], (block_position // granule).clamp(max=block_table.shape[1] - 1)]
+        first_slots = torch.where(block_position < length, blocks.long() * granule, 0)
+        slot = (first_slots[:, :, None] + torch.arange(granule, device=start.device)).view(-1, padded)
+    else:
+        blocks = block_table[sequence[:, None], torch.where(valid, position // page_block_size, 0)]
+        slot = torch.where(valid, blocks.long() * page_block_size + position % page_block_size, 0)
     visible = valid[:, None, :]
     if causal and queries_per_sequence > 1:  # query i sees tokens 0 .. length - queries_per_sequence + i
         last = length - queries_per_sequence + torch.arange(queries_per_sequence, device=start.device)

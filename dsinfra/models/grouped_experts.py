@@ -16,7 +16,11 @@ experts run through DeepGEMM's grouped GEMMs (FP8 inputs cast per token in
   (:func:`dsinfra.deep_gemm.m_grouped_fp8_gemm_nt_masked`): what deep_ep's
   low-latency dispatch delivers, each expert's rows up to its count.
 
-float32 and float16 experts (which DeepGEMM has no GEMM for) run one matmul per expert.
+float32 and float16 experts (which DeepGEMM has no GEMM for) run one matmul per
+expert; when running every expert on every token costs fewer FLOPs than
+``DENSE_FLOPS`` (a decoding step of a small model), they run all at once
+instead, as three matmuls: a loop over the experts would cost more in
+per-operation overhead than the work it skips.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 from dsinfra.fp8 import per_token_cast_to_fp8
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DENSE_FLOPS = 1 << 24  # ~0.3 ms of float32 matmul on a laptop core: about what a loop over a few experts costs
 
 
 class GroupedExperts(nn.Module):
@@ -58,6 +63,8 @@ class GroupedExperts(nn.Module):
         this set, -1 for experts held elsewhere; weights: [num_tokens, top-k].
         Returns [num_tokens, hidden] float32.
         """
+        if not self.uses_deep_gemm and 6 * x.shape[0] * self.gate_proj.numel() <= DENSE_FLOPS:
+            return self._float_dense(x, experts, weights)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         token, k = torch.nonzero(experts >= 0, as_tuple=True)
         if token.numel() == 0:
@@ -84,6 +91,19 @@ class GroupedExperts(nn.Module):
                 torch.matmul(hidden, self.down_proj[e].T, out=out[start : start + count])
                 start += count
         return out
+
+    def _float_dense(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with every expert run on every token and weighted by
+        its routing weight (0 where not chosen, or held elsewhere)."""
+        num_experts, inter, hidden = self.gate_proj.shape
+        gate = x @ self.gate_proj.view(-1, hidden).T  # [tokens, experts * inter]
+        up = x @ self.up_proj.view(-1, hidden).T
+        hidden_states = (F.silu(gate) * up).view(-1, num_experts, inter).transpose(0, 1)  # [experts, tokens, inter]
+        y = torch.bmm(hidden_states, self.down_proj.transpose(1, 2))  # [experts, tokens, hidden]
+        chosen = experts >= 0
+        routing = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+        routing.scatter_add_(1, torch.where(chosen, experts, 0), torch.where(chosen, weights.float(), 0))
+        return (y.float() * routing.T[:, :, None]).sum(0)
 
     def _contiguous(self, rows: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """As :meth:`_float_grouped`, through DeepGEMM's contiguous layout: each

@@ -82,13 +82,25 @@ def test_torch_dense(backend_torch, case, causal):
     check_against_reference(inputs, causal=causal)
 
 
-def test_torch_many_waves(backend_torch, monkeypatch):
-    """Sequences longer than a wave are cut into pieces and merged again."""
+@pytest.mark.parametrize("wave_tokens, page", [(96, 16), (100, 16), (12, 16)], ids=["whole-blocks", "wave-not-a-multiple", "wave-below-a-block"])
+def test_torch_many_waves(backend_torch, monkeypatch, wave_tokens, page):
+    """Sequences longer than a wave are cut into pieces and merged again; a wave
+    reads whole blocks, or single slots when a block is longer than a wave."""
     from dsinfra.flash_mla import torch_impl
 
-    monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", 96)
-    inputs = paged_inputs([300, 1, 95, 97, 0, 250], num_heads_q=16, seq_len_q=2, head_dim=64, head_dim_v=64, page_block_size=16)
+    monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", wave_tokens)
+    inputs = paged_inputs([300, 1, 95, 97, 0, 250], num_heads_q=16, seq_len_q=2, head_dim=64, head_dim_v=64, page_block_size=page)
     check_against_reference(inputs, causal=True)
+
+
+def test_torch_plan_waves():
+    """Waves pad to whole blocks; one wave of one piece per sequence keeps the sequences' order."""
+    from dsinfra.flash_mla.torch_impl import plan_waves
+
+    assert plan_waves([70, 5, 100], 512, 64) == ([(0, 3, 128)], [0, 1, 2], [0, 0, 0])
+    assert plan_waves([70, 5, 130], 256, 64) == ([(0, 1, 192), (1, 3, 128)], [2, 0, 1], [0, 0, 0])
+    assert plan_waves([300, 5, 0, 200], 256, 64) == ([(0, 1, 256), (1, 2, 256), (2, 4, 64)], [0, 3, 0, 1], [0, 0, 256, 0])
+    assert plan_waves([3, 9], 8) == ([(0, 1, 8), (1, 3, 3)], [1, 0, 1], [0, 0, 8])
 
 
 @pytest.mark.parametrize("native, fp8", [(False, False), (False, True), (True, False)],
