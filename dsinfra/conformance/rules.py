@@ -207,12 +207,12 @@ RULES: list[Rule] = [
         pattern=r"\bmax_m = 4096\b", replacement="max_m = 1536", required=True,
     ),
     Replace(
-        "deep-gemm-mqa-lengths", "size: 256 and 1024 queries over 1024 and 8192 keys instead of 2048 and 8192 over "
-        "8192 and 65536 in the indexer's MQA logits (8192 x 65536 logits of 64 heads are 9 TFLOP a call, and each case "
-        "calls it 21 times); every length divided by 8, so the ratios the context-parallel cases need stay upstream's; "
-        "heads, head dims and tolerances stay upstream's", ("DeepGEMM@54e2261:tests/test_attention.py",),
+        "deep-gemm-mqa-lengths", "size: 128 and 512 queries over 512 and 4096 keys instead of 2048 and 8192 over "
+        "8192 and 65536 in the indexer's MQA logits (8192 x 65536 logits of 64 heads are 9 TFLOP a call, and each of "
+        "192 cases calls it 22 times); every length divided by 16, so the ratios the context-parallel cases need stay "
+        "upstream's; heads, head dims and tolerances stay upstream's", ("DeepGEMM@54e2261:tests/test_attention.py",),
         pattern=r"for seq_len in \(2048, 8192\):(\s+)for seq_len_kv in \(8192, 65536\):",
-        replacement=r"for seq_len in (256, 1024):\1for seq_len_kv in (1024, 8192):", required=True,
+        replacement=r"for seq_len in (128, 512):\1for seq_len_kv in (512, 4096):", required=True,
     ),
     Replace(
         "deep-gemm-paged-mqa-sizes", "size: batches of 16 and 256 instead of 256 and 4096 and mean context lengths of "
