@@ -113,7 +113,8 @@ def flash_mla_with_kvcache(
     wave_tokens = max(1, min(MAX_WAVE_TOKENS, WAVE_SCORES // (num_heads_k * rows)))
     page_block_size = k_cache.shape[1]
     granule = page_block_size if indices is None and wave_tokens >= page_block_size else 1
-    waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens // granule * granule, granule)
+    wave_tokens = wave_tokens // granule * granule
+    waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens, granule)
     in_order = len(waves) == 1 and len(piece_sequence) == sequences  # piece i is sequence i
     piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)
     piece_start = torch.tensor(piece_start, dtype=torch.long, device=q.device)

@@ -96,8 +96,8 @@ class GroupedExperts(nn.Module):
         """:meth:`forward` with every expert run on every token and weighted by
         its routing weight (0 where not chosen, or held elsewhere)."""
         num_experts, inter, hidden = self.gate_proj.shape
-        gate = x @ self.gate_proj.view(-1, hidden).T  # [tokens, experts * inter]
-        up = x @ self.up_proj.view(-1, hidden).T
+        gate = x @ self.gate_proj.reshape(-1, hidden).T  # [tokens, experts * inter]
+        up = x @ self.up_proj.reshape(-1, hidden).T
         hidden_states = (F.silu(gate) * up).view(-1, num_experts, inter).transpose(0, 1)  # [experts, tokens, inter]
         y = torch.bmm(hidden_states, self.down_proj.transpose(1, 2))  # [experts, tokens, hidden]
         chosen = experts >= 0

@@ -91,6 +91,8 @@ def test_torch_many_waves(backend_torch, monkeypatch, wave_tokens, page):
     monkeypatch.setattr(torch_impl, "MAX_WAVE_TOKENS", wave_tokens)
     inputs = paged_inputs([300, 1, 95, 97, 0, 250], num_heads_q=16, seq_len_q=2, head_dim=64, head_dim_v=64, page_block_size=page)
     check_against_reference(inputs, causal=True)
+    inputs = paged_inputs([98, 5], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=page)  # 98: two pieces
+    check_against_reference(inputs)
 
 
 def test_torch_plan_waves():
