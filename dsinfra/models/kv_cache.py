@@ -43,7 +43,7 @@ class PagedKVCache:
         self.block_table = order.view(batch, blocks_per_seq).to(device=device, dtype=torch.int32)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.capacity = blocks_per_seq * block_size
-        self._metadata: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._metadata: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
         self._num_new = 0
 
     def rows(self, start: int, stop: int) -> PagedKVCache:
@@ -74,12 +74,16 @@ class PagedKVCache:
         blocks = self.block_table.long().gather(1, positions // self.block_size)
         self.blocks[layer][blocks, positions % self.block_size, 0] = latents.to(self.dtype)
 
-    def metadata(self, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """FlashMLA's split plan for the current lengths, computed once per step
-        and shared by every layer, as upstream does."""
-        if num_heads not in self._metadata:
+    def metadata(self, num_heads: int, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlashMLA's split plan for the current lengths (with ``topk``: for
+        sparse attention over that many indices a query), computed once per
+        step and shared by every layer, as upstream does."""
+        key = (num_heads, topk)
+        if key not in self._metadata:
             from dsinfra import flash_mla
 
             # query rows per KV head: heads x new tokens (one KV head in MLA)
-            self._metadata[num_heads] = flash_mla.get_mla_metadata(self.seqlens, num_heads * self._num_new, 1)
-        return self._metadata[num_heads]
+            self._metadata[key] = flash_mla.get_mla_metadata(
+                self.seqlens, num_heads * self._num_new, 1, num_heads_q=num_heads, topk=topk
+            )
+        return self._metadata[key]

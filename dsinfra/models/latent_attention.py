@@ -101,11 +101,8 @@ class LatentAttention(nn.Module):
                 *cache.metadata(c.num_attention_heads), softmax_scale=c.softmax_scale, causal=True,
             )
         else:
-            metadata = flash_mla.get_mla_metadata(
-                cache.seqlens, c.num_attention_heads, 1, num_heads_q=c.num_attention_heads, topk=selected.shape[-1]
-            )
             out_latent, _ = flash_mla.flash_mla_with_kvcache(
-                q, cache.blocks[self.layer], None, None, c.kv_lora_rank, *metadata,
+                q, cache.blocks[self.layer], None, None, c.kv_lora_rank, *cache.metadata(c.num_attention_heads, selected.shape[-1]),
                 softmax_scale=c.softmax_scale, indices=selected,
             )
         return torch.bmm(out_latent[:, 0].to(q_nope.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
