@@ -26,6 +26,7 @@ Index keys are cached beside the latents (:class:`IndexerCache`, same slots).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -185,7 +186,15 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     """``x @ H / sqrt(dim)`` over the last dimension (a power of two), H the
     Sylvester Hadamard matrix: an orthogonal rotation, in float32 then x's dtype."""
     dim = x.shape[-1]
-    matrix = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-    while matrix.shape[0] < dim:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return (x.float() @ matrix * (1 / math.sqrt(dim))).to(x.dtype)
+    return (x.float() @ _hadamard_matrix(dim, x.device) * (1 / math.sqrt(dim))).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_matrix(dim: int, device: torch.device) -> torch.Tensor:
+    """The [dim, dim] float32 Sylvester Hadamard matrix (built once per size and
+    device, outside inference mode, so that any later call may use it)."""
+    with torch.inference_mode(False), torch.no_grad():
+        matrix = torch.ones(1, 1, dtype=torch.float32, device=device)
+        while matrix.shape[0] < dim:
+            matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
