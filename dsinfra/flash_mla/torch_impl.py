@@ -115,7 +115,7 @@ def flash_mla_with_kvcache(
     granule = page_block_size if indices is None and wave_tokens >= page_block_size else 1
     wave_tokens = wave_tokens // granule * granule
     waves, piece_sequence, piece_start = plan_waves(lengths, wave_tokens, granule)
-    in_order = len(waves) == 1 and len(piece_sequence) == sequences  # piece i is sequence i
+    in_order = piece_sequence == list(range(sequences))  # one piece per sequence, piece i is sequence i
     piece_sequence = torch.tensor(piece_sequence, dtype=torch.long, device=q.device)
     piece_start = torch.tensor(piece_start, dtype=torch.long, device=q.device)
     # Each piece's output over all head_dim channels (the PV matmul reads K whole) and its log-sum-exp.
@@ -142,7 +142,7 @@ def flash_mla_with_kvcache(
             gathered.index_fill_(0, unused.nonzero().squeeze(1), 0)
         keys = gathered.view(end - first, padded, num_heads_k, head_dim).transpose(1, 2).reshape(pieces, padded, head_dim)
         keys32 = view(keys32_buffer, pieces, padded, head_dim).copy_(keys)
-        wave_queries = (queries if in_order else queries.index_select(0, piece_sequence[wave])).flatten(0, 1)
+        wave_queries = (queries[wave] if in_order else queries.index_select(0, piece_sequence[wave])).flatten(0, 1)
         probs = None if probs_buffer is None else view(probs_buffer, pieces, rows, padded)
         attend(
             wave_queries, keys, keys32, visible, softmax_scale, view(scores_buffer, pieces, rows, padded), probs,

@@ -93,6 +93,8 @@ def test_torch_many_waves(backend_torch, monkeypatch, wave_tokens, page):
     check_against_reference(inputs, causal=True)
     inputs = paged_inputs([98, 5], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=page)  # 98: two pieces
     check_against_reference(inputs)
+    inputs = paged_inputs([90, 5], num_heads_q=16, head_dim=64, head_dim_v=64, page_block_size=page)  # two waves, in order
+    check_against_reference(inputs)
 
 
 def test_torch_plan_waves():
