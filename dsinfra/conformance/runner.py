@@ -8,8 +8,16 @@ names are dsinfra's; the runner calls it as ``python -m dsinfra.run_aliased``,
 which skips loading the other commands) with a timeout, and record pass, fail or timeout. Prints
 a table and writes JSON.
 
+With ``--jobs N``, N cases run at once and each gets an equal share of the
+machine's cores as its thread count (``OMP_NUM_THREADS``, shared again among a
+case's nodes), unless the environment sets ``OMP_NUM_THREADS`` itself. Two
+runs of torch's default thread count on the same cores make every parallel
+operation wait for a descheduled thread of the other: small operations then
+take a scheduler time slice each, several times their own cost.
+
     python -m dsinfra.conformance                      # everything, from GitHub
     python -m dsinfra.conformance --mirror DIR --only 'DualPipe*' 'EPLB*'
+    python -m dsinfra.conformance --jobs 2 --only 'FlashMLA*'
     python -m dsinfra.conformance --list | --rules
 """
 
@@ -27,8 +35,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dsinfra
@@ -107,13 +117,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(case: Case, prepared: Prepared, cwd: Path, outputs: list[tuple[Path, Path]], timeout: float) -> tuple[str, float]:
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def launch(
+    case: Case, prepared: Prepared, cwd: Path, outputs: list[tuple[Path, Path]], timeout: float, threads: int | None = None
+) -> tuple[str, float]:
     """Run the case's processes, one per node, node ``i`` writing its stdout
     and stderr to the files ``outputs[i]``; returns (pass, fail or timeout,
-    seconds). A failed node ends the others."""
+    seconds). A failed node ends the others. ``threads``: the case's share of
+    the cores, split among its nodes as their ``OMP_NUM_THREADS`` unless the
+    environment sets it."""
     dsinfra_root = os.path.dirname(os.path.dirname(os.path.abspath(dsinfra.__file__)))
+    share = {} if threads is None or "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, threads // case.nodes))}
     environment = {
         **os.environ,
+        **share,
         **prepared.environment,
         "PYTHONPATH": os.pathsep.join(filter(None, [dsinfra_root, os.environ.get("PYTHONPATH")])),
         "MASTER_ADDR": "127.0.0.1",
@@ -152,13 +173,21 @@ def last_error(text: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def run_case(case: Case, cache: Path, mirror: str | None, rules: Sequence[rules_module.Rule], timeout: float | None) -> Result:
+_preparing = threading.Lock()  # one case at a time clones, fetches and extracts
+
+
+def run_case(
+    case: Case, cache: Path, mirror: str | None, rules: Sequence[rules_module.Rule], timeout: float | None,
+    threads: int | None = None,
+) -> Result:
+    """Prepare and run one case (``threads``: its share of the cores, as :func:`launch`)."""
     slug = re.sub(r"[^\w.@-]+", "_", case.name)
     directory = cache / "work" / slug
     result = Result(case.name, case.repo, case.path, case.label, case.commit, case.when, "error", 0.0)
     try:
-        git_dir = sources.repository(case.repo, case.commit, cache, sources.source_of(case.repo, mirror))
-        prepared = prepare(case, git_dir, directory, rules)
+        with _preparing:
+            git_dir = sources.repository(case.repo, case.commit, cache, sources.source_of(case.repo, mirror))
+            prepared = prepare(case, git_dir, directory, rules)
     except (sources.SourceError, rules_module.RuleError, OSError) as error:
         result.detail = str(error)
         return result
@@ -168,7 +197,7 @@ def run_case(case: Case, cache: Path, mirror: str | None, rules: Sequence[rules_
     outputs = [(cache / "logs" / f"{name}.out", cache / "logs" / f"{name}.err") for name in names]
     result.logs = [str(path) for pair in outputs for path in pair]
     limit = timeout or case.timeout
-    result.result, result.seconds = launch(case, prepared, directory, outputs, limit)
+    result.result, result.seconds = launch(case, prepared, directory, outputs, limit, threads)
     printed = "\n".join(stdout.read_text(errors="replace") for stdout, _ in outputs)
     errors = "\n".join(stderr.read_text(errors="replace") for _, stderr in outputs)
     if result.result == "pass" and prepared.expected_output is not None:
@@ -236,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, help="every case's timeout in seconds (default: each case's own, sized for a quiet 2-core machine)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cases to run at once, the cores shared out among them as their threads (default: 1)"
+    )
     parser.add_argument("--json", type=Path, help="where to write the results (default: CACHE/results.json)")
     parser.add_argument("--list", action="store_true", help="list the cases and stop")
     parser.add_argument("--rules", action="store_true", help="print the adaptation rules and stop")
@@ -250,12 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not cases:
         parser.error(f"no case matches {' '.join(args.only)} (see --list)")
-    results = []
-    for case in cases:
-        print(f"{case.name} ...", end=" ", flush=True)
-        result = run_case(case, args.cache, args.mirror, rules_module.RULES, args.timeout)
-        print(f"{result.result} ({format_seconds(result.seconds)})", flush=True)
-        results.append(result)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    threads = max(1, cores() // args.jobs)
+
+    def run(case: Case) -> Result:
+        print(f"{case.name} ...", flush=True)
+        result = run_case(case, args.cache, args.mirror, rules_module.RULES, args.timeout, threads)
+        print(f"{case.name}: {result.result} ({format_seconds(result.seconds)})", flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(run, cases))
     print()
     print(results_table(results))
     path = args.json or args.cache / "results.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 
 from dsinfra.conformance import runner
 from dsinfra.conformance.rules import Environment, Patch, Replace
@@ -36,6 +37,7 @@ if os.environ["RANK"] == "1":
 time.sleep(600)  # node 0 waits: the runner ends it when node 1 fails
 """,
     "tests/test_slow.py": "import time\ntime.sleep(600)\n",
+    "tests/test_threads.py": "import os\nprint(os.environ.get('OMP_NUM_THREADS'))\n",
     "README.md": "# Toy\n\n```python\nprint([1, 2])\nprint('x')\n\n# Output:\n# [1, 2]\n# x\n```\n",
 }
 
@@ -106,8 +108,8 @@ def test_command_line(tmp_path, capsys, monkeypatch):
     assert runner.main(["--rules"]) == 0
     assert "| nccl-to-gloo | Replace |" in capsys.readouterr().out
 
-    def run_case(case, cache, mirror, rules, timeout):
-        assert (mirror, timeout) == ("M", 5.0)
+    def run_case(case, cache, mirror, rules, timeout, threads):
+        assert (mirror, timeout, threads) == ("M", 5.0, runner.cores())
         return runner.Result(case.name, case.repo, case.path, case.label, case.commit, case.when, "pass", 1.5)
 
     monkeypatch.setattr(runner, "run_case", run_case)
@@ -117,3 +119,40 @@ def test_command_line(tmp_path, capsys, monkeypatch):
     assert "| EPLB README.md | d52c72d (main) | pass | 1.5 s |  |" in out
     report = json.loads((tmp_path / "results.json").read_text())
     assert [(r["case"], r["result"]) for r in report["results"]] == [("EPLB@3079d71:README.md", "pass"), ("EPLB@d52c72d:README.md", "pass")]
+
+
+def test_threads_are_the_cases_share_of_the_cores(tmp_path, monkeypatch):
+    commit = toy_repository(tmp_path)
+    mirror, cache = str(tmp_path / "{repo}"), tmp_path / "cache"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def printed(threads, nodes=1):
+        case = Case("Toy", commit, "tests/test_threads.py", "main", nodes=nodes)
+        result = runner.run_case(case, cache, mirror, RULES, None, threads)
+        assert result.result == "pass", result.detail
+        return [open(log).read().strip() for log in result.logs[::2]]
+
+    assert printed(None) == ["None"]
+    assert printed(3) == ["3"]
+    assert printed(3, nodes=2) == ["1", "1"]  # shared among the nodes
+    assert printed(1, nodes=2) == ["1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert printed(3) == ["7"]  # the user's setting wins
+
+
+def test_jobs_run_cases_at_once(tmp_path, capsys, monkeypatch):
+    both_running = threading.Barrier(2, timeout=30)
+    shares = []
+
+    def run_case(case, cache, mirror, rules, timeout, threads):
+        both_running.wait()  # raises BrokenBarrierError unless the other case runs meanwhile
+        shares.append(threads)
+        return runner.Result(case.name, case.repo, case.path, case.label, case.commit, case.when, "pass", 1.0)
+
+    monkeypatch.setattr(runner, "run_case", run_case)
+    monkeypatch.setattr(runner, "cores", lambda: 5)
+    assert runner.main(["--only", "EPLB*", "--cache", str(tmp_path), "--jobs", "2"]) == 0
+    assert shares == [2, 2]
+    out = capsys.readouterr().out
+    assert out.index("| EPLB README.md | 3079d71") < out.index("| EPLB README.md | d52c72d")  # the table keeps the cases' order
+    assert "EPLB@d52c72d:README.md: pass (1.0 s)" in out
