@@ -163,6 +163,21 @@ RULES: list[Rule] = [
         pattern=r"\(b == 74 and", replacement="(b == 5 and", required=True,
     ),
     Replace(
+        "flash-mla-sparse-performance-batches", "size: batches of 2, 8, 9 and 16 instead of 2, 64, 74, 128 (and 148 and "
+        "256 for the MODEL1 configurations) in the performance cases, which check their results too: at 256 sequences "
+        "of 16384 keys on average the test's own generator draws a bf16 cache of some 6 GB per KV cache, and "
+        "quantises it with float32 copies; lengths, top-k, heads, block sizes and tolerances stay upstream's",
+        ("FlashMLA@9241ae3:tests/test_flash_mla_sparse_decoding.py",),
+        pattern=r"\[2, 64, 74, 128(, 74\*2, 256)?\]", replacement="[2, 8, 9, 16]", required=True,
+    ),
+    Replace(
+        "flash-mla-sparse-peak-batch", "size: batches of 18 instead of 148 in the peak-performance cases (16384 of "
+        "32768 keys a query), which check their results too: the test's own reference gathers every query's keys in "
+        "float32, 148 x 2 x 16384 x 576 floats (11 GB); lengths, top-k, heads and tolerances stay upstream's",
+        ("FlashMLA@9241ae3:tests/test_flash_mla_sparse_decoding.py",),
+        pattern=r"RawTestParam\(74\*2, h_q,", replacement="RawTestParam(18, h_q,", required=True,
+    ),
+    Replace(
         "flash-mla-sparse-prefill-queries", "size: 256 queries instead of 4096 in the performance cases, and 123, 256 "
         "and 64 instead of 1234, 4096 and 1024 in the corner cases with 2048 to 8192 keys a query: the test's own "
         "reference gathers every query's keys in float32 (4096 x 2048 x 576 floats, 19 GB); key counts, top-k, heads, "
