@@ -8,9 +8,9 @@ names are dsinfra's; the runner calls it as ``python -m dsinfra.run_aliased``,
 which skips loading the other commands) with a timeout, and record pass, fail or timeout. Prints
 a table and writes JSON.
 
-With ``--jobs N``, N cases run at once and each gets an equal share of the
-machine's cores as its thread count (``OMP_NUM_THREADS``, shared again among a
-case's nodes), unless the environment sets ``OMP_NUM_THREADS`` itself. Two
+``--jobs N`` runs N cases at once (default 1). Each case gets an equal share
+of the machine's cores as its thread count (``OMP_NUM_THREADS``, shared again
+among a case's nodes), unless the environment sets ``OMP_NUM_THREADS`` itself. Two
 runs of torch's default thread count on the same cores make every parallel
 operation wait for a descheduled thread of the other: small operations then
 take a scheduler time slice each, several times their own cost.
