@@ -116,6 +116,8 @@ def test_timers_keep_the_shapes_of_what_they_replace():
     assert len(dispatch_t) == len(combine_t) == 2  # DeepEP reads the send and receive halves
     profile = standins.kernelkit_bench_kineto(run, 10)
     assert profile.get_kernel_time("k") == profile.get_e2e_time("a", "b") and len(profile.get_kernel_times(["a", "b"])) == 2
+    for kernel in ("flash_fwd_splitkv_mla_fp8_sparse_kernel", "flash_fwd_mla_combine_kernel"):  # as FlashMLA looks one up
+        assert [kernel in name for name in profile.get_kernel_names()] == [True]
     assert isinstance(standins.bench_by_events(run, 1, 1), float) and len(standins.bench_by_events([run, run], 1, 1)) == 2
     start, end = standins.WallClockEvent(), standins.WallClockEvent()
     start.record()
