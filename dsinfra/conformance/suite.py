@@ -66,8 +66,8 @@ CASES: list[Case] = [
     # DeepGEMM
     Case("DeepGEMM", "fbec9e5", "tests/test_core.py", FEB),
     Case("DeepGEMM", "9da4a23", "tests/test_core.py", "2025-07"),
-    Case("DeepGEMM", "54e2261", "tests/test_fp8_fp4.py", MAIN),
-    Case("DeepGEMM", "54e2261", "tests/test_bf16.py", MAIN),
+    Case("DeepGEMM", "54e2261", "tests/test_fp8_fp4.py", MAIN, timeout=7200.0),
+    Case("DeepGEMM", "54e2261", "tests/test_bf16.py", MAIN, timeout=7200.0),
     Case("DeepGEMM", "54e2261", "tests/test_layout.py", MAIN),
     Case("DeepGEMM", "54e2261", "tests/test_attention.py", MAIN),
     # DeepEP
