@@ -149,3 +149,34 @@ def test_all_gather_into_a_stacked_output_on_gloo():
 def test_the_compatibility_page_lists_every_rule():
     page = (Path(__file__).resolve().parents[2] / "docs" / "compatibility.md").read_text()
     assert [rule.name for rule in RULES if f"| {rule.name} |" not in page] == []
+
+
+GROUPED_HEADS_SOURCE = '''\
+import torch
+
+def attend(query, kv, dv):
+    h_q, s_q, h_kv, s_k = query.size(0), query.size(1), kv.size(0), kv.size(1)
+    if h_kv != 1:
+        kv = kv.repeat_interleave(h_q // h_kv, dim=0)
+    kv[kv != kv] = 0.0
+    attn_weight = query @ kv.transpose(-2, -1)
+    attn_weight = torch.softmax(attn_weight, dim=-1)
+    output = attn_weight @ kv[..., :dv]
+    return attn_weight, output
+'''
+
+
+@pytest.mark.parametrize("h_q, h_kv, s_q, s_k", [(6, 3, 2, 5), (8, 1, 1, 7), (4, 2, 3, 0), (3, 3, 1, 1)])
+def test_the_grouped_heads_reference_computes_what_the_copying_one_does(h_q, h_kv, s_q, s_k):
+    file = "FlashMLA@9241ae3:tests/test_flash_mla_dense_decoding.py"
+    rule = next(rule for rule in RULES if rule.name == "flash-mla-dense-reference-grouped-heads")
+    adapted, applied = adapt_source(GROUPED_HEADS_SOURCE, file, [rule])
+    assert applied == [rule.name] and "repeat_interleave" not in adapted
+    copying, grouped = {}, {}
+    exec(GROUPED_HEADS_SOURCE, copying)
+    exec(adapted, grouped)
+    query, kv = torch.randn(h_q, s_q, 16), torch.randn(h_kv, s_k, 16)
+    kv[..., -1] = float("nan")  # a column the reference zeroes, in both forms
+    for expected, actual in zip(copying["attend"](query, kv.clone(), 12), grouped["attend"](query, kv.clone(), 12)):
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
